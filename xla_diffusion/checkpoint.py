@@ -1,0 +1,91 @@
+"""Exporting the trained UNet as a diffusers pipeline folder (process 0 only).
+
+The folder is written beside the target first and moved in entry by entry with `model_index.json`
+last, so a crash mid-export never leaves a folder that `from_pretrained` takes for complete.
+Remote targets (gs://…) are uploaded from that local folder, again with `model_index.json` last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def unet_to_cpu(unet: torch.nn.Module) -> torch.nn.Module:
+    """A CPU fp32 copy of a (possibly sharded) device UNet; sharded tensors are gathered."""
+    from diffusers import UNet2DConditionModel
+
+    cpu = UNet2DConditionModel.from_config(unet.config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in unet.state_dict().items()}
+    cpu.load_state_dict(state)
+    return cpu
+
+
+def _publish_local(tmp: str, target: str) -> None:
+    os.makedirs(target, exist_ok=True)
+    marker = os.path.join(target, "model_index.json")
+    if os.path.exists(marker):
+        os.remove(marker)  # the old export stops looking complete before its parts are replaced
+    for name in sorted(os.listdir(tmp)):
+        if name == "model_index.json":
+            continue
+        dst = os.path.join(target, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        elif os.path.exists(dst):
+            os.remove(dst)
+        shutil.move(os.path.join(tmp, name), dst)
+    shutil.move(os.path.join(tmp, "model_index.json"), marker)
+
+
+def _publish_remote(tmp: str, target: str) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(target)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/model_index.json"):
+        fs.rm(f"{root}/model_index.json")
+    for name in sorted(os.listdir(tmp)):
+        if name != "model_index.json":
+            fs.put(os.path.join(tmp, name), f"{root}/{name}", recursive=True)
+    fs.put(os.path.join(tmp, "model_index.json"), f"{root}/model_index.json")
+
+
+def export_pipeline(
+    source: str,
+    unet: torch.nn.Module,
+    output_dir: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> str:
+    """Write a StableDiffusionPipeline folder: the trained `unet` plus every other part exactly as
+    loaded from `source` (safetensors). `extra_files` maps file names to JSON-able objects written
+    beside it. Returns `output_dir`."""
+    from diffusers import StableDiffusionPipeline
+
+    cpu_unet = unet_to_cpu(unet)
+    pipe = StableDiffusionPipeline.from_pretrained(source, unet=cpu_unet, revision=revision, variant=variant)
+    local_parent = output_dir if "://" not in output_dir else None
+    if local_parent:
+        os.makedirs(os.path.dirname(os.path.abspath(local_parent)) or ".", exist_ok=True)
+    tmp_root = os.path.dirname(os.path.abspath(local_parent)) if local_parent else None
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=tmp_root)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, obj in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+        (_publish_local if local_parent else _publish_remote)(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported pipeline to %s", output_dir)
+    return output_dir

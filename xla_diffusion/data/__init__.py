@@ -1,0 +1,1 @@
+"""Host-side data sources: each yields endless fixed-shape batches of CPU tensors."""

@@ -1,0 +1,92 @@
+"""Load the parts of a Stable Diffusion pipeline: frozen VAE and text encoder, trainable UNet, tokenizer
+and noise scheduler, from a hub id, a local folder or a gs:// folder. No mesh or device logic here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The pretrained model cannot be loaded; the message is one line for the user."""
+
+
+@dataclass
+class Models:
+    tokenizer: Any
+    text_encoder: Any  # transformers.CLIPTextModel, frozen
+    vae: Any  # diffusers.AutoencoderKL, frozen
+    unet: Any  # diffusers.UNet2DConditionModel, trained
+    noise_scheduler: Any  # diffusers.DDPMScheduler (the training schedule)
+    source: str  # the local folder or hub id the parts came from
+
+    @property
+    def vae_scale(self) -> int:
+        """Spatial downsampling factor of the VAE (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a resolution × resolution image."""
+        side = resolution // self.vae_scale
+        return (self.vae.config.latent_channels, side, side)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path) or path.count("/") != 1
+
+
+def resolve_model_path(path: str, cache_dir: str | None = None) -> str:
+    """Local folder or hub id as is; a gs:// (or other fsspec URL) folder is copied to a local cache."""
+    if "://" in path:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        if not fs.exists(f"{root.rstrip('/')}/model_index.json"):
+            raise ModelLoadError(f"no diffusers pipeline (model_index.json) at {path}")
+        local = os.path.join(cache_dir or tempfile.gettempdir(), "xla_diffusion_models", root.strip("/"))
+        if not os.path.exists(os.path.join(local, "model_index.json")):
+            log.info("copying %s to %s", path, local)
+            fs.get(root.rstrip("/") + "/", local, recursive=True)
+        return local
+    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise ModelLoadError(f"--pretrained_model_name_or_path {path!r}: no such folder")
+    return os.path.expanduser(path)
+
+
+def load_models(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+) -> Models:
+    """Load all parts on the CPU in fp32. Raises ModelLoadError with a one-line reason."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_model_path(pretrained_model_name_or_path, cache_dir)
+    common = {"revision": revision, "cache_dir": cache_dir}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the pipeline from {pretrained_model_name_or_path!r}: {first}") from None
+    text_encoder.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    unet.train()
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
+
+
+def frozen_dtype(mixed_precision: str) -> torch.dtype:
+    """Weight dtype of the frozen encoders: bf16 under --mixed_precision bf16, else fp32."""
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32

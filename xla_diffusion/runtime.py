@@ -1,0 +1,124 @@
+"""The one place that touches the torch_xla runtime: SPMD mode, devices, processes, the mesh, the
+persistent compile cache, the profiler and compilation counts.
+
+Nothing here runs at import time: `xr.use_spmd()` must happen inside `main`, after the environment
+(e.g. `CPU_NUM_DEVICES`, `PJRT_DEVICE`) is final.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp")
+# Batch dimension of every input is split over all mesh axes: with FSDP the fsdp axis is data-parallel
+# too (it shards parameters, not the batch's work).
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the trainer needs to know about where it runs."""
+
+    device: torch.device
+    process_index: int
+    process_count: int
+    num_devices: int
+    mesh: object  # torch_xla.distributed.spmd.Mesh
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+
+def init_runtime(fsdp_size: int = 1, compile_cache_dir: str | None = None) -> Runtime:
+    """Switch to SPMD and build the named `(data, fsdp)` mesh over every device of every host.
+
+    Raises ValueError when the device count does not split into `fsdp_size`.
+    """
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    if compile_cache_dir:
+        # Must precede any compilation; readonly=False on every host is what the XLA example does.
+        xr.initialize_cache(compile_cache_dir, readonly=False)
+    xr.use_spmd()
+    num_devices = xr.global_runtime_device_count()
+    if num_devices % fsdp_size:
+        raise ValueError(f"--fsdp_size {fsdp_size} does not divide the {num_devices} devices")
+    mesh = xs.Mesh(np.arange(num_devices), (num_devices // fsdp_size, fsdp_size), MESH_AXES)
+    return Runtime(
+        device=torch_xla.device(),
+        process_index=xr.process_index(),
+        process_count=xr.process_count(),
+        num_devices=num_devices,
+        mesh=mesh,
+    )
+
+
+def batch_sharding_spec(mesh: object, ndim: int) -> object:
+    """ShardingSpec splitting dim 0 over all mesh axes and replicating the rest, for an `ndim` tensor."""
+    import torch_xla.distributed.spmd as xs
+
+    return xs.ShardingSpec(mesh, (BATCH_AXES,) + (None,) * (ndim - 1))
+
+
+def sharding_spec_string(tensor: torch.Tensor) -> str:
+    """The XLA HLO sharding annotation of a device tensor, e.g. '{devices=[4,1,1,1]0,1,2,3}'."""
+    import torch_xla
+
+    return torch_xla._XLAC._get_xla_sharding_spec(tensor)
+
+
+def compile_count() -> int:
+    """Number of XLA graph compilations in this process so far (cache hits excluded)."""
+    import torch_xla.debug.metrics as met
+
+    return int(met.counter_value("UncachedCompile") or 0)
+
+
+def sync() -> None:
+    """Cut the lazy graph here and launch it (the torch_xla 2.x name for mark_step)."""
+    import torch_xla
+
+    torch_xla.sync()
+
+
+def wait_device_ops() -> None:
+    """Block until every launched graph has finished (for honest wall-clock timing)."""
+    import torch_xla.core.xla_model as xm
+
+    xm.wait_device_ops()
+
+
+def add_step_closure(fn, args: tuple = ()) -> None:
+    """Run `fn(*args)` on the host once the current step's graph has executed; tensors in `args` are
+    materialised by then, so reading them costs no extra graph or mid-step sync."""
+    import torch_xla.core.xla_model as xm
+
+    xm.add_step_closure(fn, args=args)
+
+
+class Profiler:
+    """Device profile capture in a window of steps, when PROFILE_DIR is set (as in diffusers' example)."""
+
+    def __init__(self, profile_dir: str | None, start_step: int, duration_ms: int, port: int = 9012):
+        self.profile_dir, self.start_step, self.duration_ms = profile_dir, start_step, duration_ms
+        if profile_dir:
+            import torch_xla.debug.profiler as xp
+
+            self._server = xp.start_server(port)
+            self._port = port
+
+    def maybe_start(self, step: int) -> None:
+        if self.profile_dir and step == self.start_step:
+            import torch_xla.debug.profiler as xp
+
+            log.info("capturing a %d ms profile into %s", self.duration_ms, self.profile_dir)
+            xp.trace_detached(f"localhost:{self._port}", self.profile_dir, duration_ms=self.duration_ms)
