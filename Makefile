@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.requirements.stamp
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: venv demo test lint bench clean-venv
 
 # (Re)create the environment when it is missing or requirements.txt changed.
 $(STAMP): requirements.txt
@@ -17,8 +17,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m xla_diffusion.demo
 
+# pytest exits 5 when it collected no test: that must fail, not pass silently.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

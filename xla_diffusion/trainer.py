@@ -148,28 +148,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     loader = iter(device_loader(source, cfg, rt))
     t_start, t_timed, timed_from = time.perf_counter(), None, 0
-    for step in range(1, cfg.max_train_steps + 1):
-        profiler.maybe_start(step)
-        batch = next(loader)
-        loss, grad_norm = train_step(unet, vae, text_encoder, optimizer, batch, alphas_cumprod, step_cfg)
-        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
-            runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm))
-        runtime.sync()
+    try:
+        for step in range(1, cfg.max_train_steps + 1):
+            profiler.maybe_start(step)
+            batch = next(loader)
+            loss, grad_norm = train_step(unet, vae, text_encoder, optimizer, batch, alphas_cumprod, step_cfg)
+            if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+                runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm))
+            runtime.sync()
+            if progress is not None:
+                progress.update(1)
+            if monitor.compilations() > cfg.max_compilations:
+                raise TooManyCompilations(
+                    f"the training step compiled {monitor.compilations()} XLA graphs by step {step}, more than "
+                    f"--max_compilations {cfg.max_compilations}: something in the step changes shape or "
+                    "constant values between steps (set PT_XLA_DEBUG_LEVEL=2 to see why)"
+                )
+            if step == cfg.timing_warmup_steps and step < cfg.max_train_steps:
+                runtime.wait_device_ops()
+                t_timed, timed_from = time.perf_counter(), step
+    finally:
         if progress is not None:
-            progress.update(1)
-        if monitor.compilations() > cfg.max_compilations:
-            raise TooManyCompilations(
-                f"the training step compiled {monitor.compilations()} XLA graphs by step {step}, more than "
-                f"--max_compilations {cfg.max_compilations}: something in the step changes shape or "
-                "constant values between steps (set PT_XLA_DEBUG_LEVEL=2 to see why)"
-            )
-        if step == cfg.timing_warmup_steps and step < cfg.max_train_steps:
-            runtime.wait_device_ops()
-            t_timed, timed_from = time.perf_counter(), step
+            progress.close()  # before any error line, so the bar never prints after it
     runtime.wait_device_ops()
     t_end = time.perf_counter()
-    if progress is not None:
-        progress.close()
     timed_steps = cfg.max_train_steps - timed_from
     mean_step = (t_end - (t_timed if t_timed is not None else t_start)) / max(timed_steps, 1)
     summary = {

@@ -1,0 +1,55 @@
+"""Test session set-up: a real 4-device CPU mesh, no network, and shared fixtures.
+
+The environment is fixed here, at import, before anything can start torch_xla's runtime: the device
+count is read once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+os.environ["PJRT_DEVICE"] = "CPU"
+os.environ["CPU_NUM_DEVICES"] = "4"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "xla_diffusion_test_hf_home"))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+from tests.helpers import TrainRuns  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> str:
+    """A tiny Stable Diffusion pipeline folder (built offline, seed 0)."""
+    from xla_diffusion.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipeline"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    """64 synthetic 64 px shape images in imagefolder layout, under `<dir>/train`."""
+    from data_prep.synthetic import write_shapes_dataset
+
+    out = str(tmp_path_factory.mktemp("shapes"))
+    write_shapes_dataset(out, num_images=64, resolution=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_runs(tiny_pipeline, shapes_dir, tmp_path_factory) -> TrainRuns:
+    """The session's end-to-end trainer runs, started together (each compiles ~2 graphs of ~25 s, so they
+    share the two cores instead of queueing) and shared by every test that inspects them."""
+    runs = TrainRuns(tiny_pipeline, os.path.join(shapes_dir, "train"), str(tmp_path_factory.mktemp("runs")))
+    runs.start_all()
+    yield runs
+    runs.kill_all()

@@ -1,0 +1,109 @@
+"""Running the real trainer CLI as subprocesses, on a chosen number of CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_text_to_image_xla.py")
+
+
+def cli_env(num_devices: int = 4) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(num_devices), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start_cli(args: list[str], log_prefix: str, num_devices: int = 4, script: str = SCRIPT) -> subprocess.Popen:
+    """Start the CLI with stdout/stderr going to `<log_prefix>.out/.err` (files, not pipes: several runs
+    go at once and a full pipe would stall one)."""
+    os.makedirs(os.path.dirname(log_prefix), exist_ok=True)
+    with open(log_prefix + ".out", "w") as out, open(log_prefix + ".err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, script, *args], env=cli_env(num_devices), cwd=ROOT, stdout=out, stderr=err,
+            stdin=subprocess.DEVNULL,
+        )
+    proc.log_prefix = log_prefix  # type: ignore[attr-defined]
+    return proc
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> Finished:
+    proc.wait(timeout=timeout)
+    with open(proc.log_prefix + ".out") as out, open(proc.log_prefix + ".err") as err:  # type: ignore[attr-defined]
+        return Finished(proc.returncode, out.read(), err.read())
+
+
+def run_cli(args: list[str], log_prefix: str, num_devices: int = 4, timeout: float = 600) -> Finished:
+    return finish(start_cli(args, log_prefix, num_devices), timeout)
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class TrainRuns:
+    """The end-to-end runs of the session:
+
+    - `fp32_4dev` / `fp32_1dev`: 3 fp32 steps, v-prediction + min-SNR, same seed and data, on a 4-device and
+      a 1-device mesh (the equivalence pair);
+    - `bf16`: 10 bf16 steps on 4 devices, logging every step, exported (compile count, export tests);
+    - `bound`: like bf16 but --max_compilations 1, which must stop at the second graph.
+    """
+
+    pipeline: str
+    data_dir: str
+    root: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    results: dict[str, Finished] = field(default_factory=dict)
+
+    def out(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def log(self, name: str) -> str:
+        return os.path.join(self.root, "logs", name)
+
+    def common(self, name: str, steps: int) -> list[str]:
+        return [
+            "--pretrained_model_name_or_path", self.pipeline, "--train_data_dir", self.data_dir,
+            "--resolution", "64", "--center_crop", "--train_batch_size", "8", "--max_train_steps", str(steps),
+            "--logging_steps", "1", "--seed", "7", "--output_dir", self.out(name),
+        ]
+
+    def start_all(self) -> None:
+        fp32 = ["--mixed_precision", "no", "--prediction_type", "v_prediction", "--snr_gamma", "5.0"]
+        self.procs["fp32_4dev"] = start_cli(self.common("fp32_4dev", 3) + fp32, self.log("fp32_4dev"), 4)
+        self.procs["fp32_1dev"] = start_cli(self.common("fp32_1dev", 3) + fp32, self.log("fp32_1dev"), 1)
+        self.procs["bf16"] = start_cli(self.common("bf16", 10) + ["--mixed_precision", "bf16"], self.log("bf16"), 4)
+        self.procs["bound"] = start_cli(
+            self.common("bound", 4) + ["--mixed_precision", "bf16", "--max_compilations", "1"], self.log("bound"), 4
+        )
+
+    def result(self, name: str) -> Finished:
+        if name not in self.results:
+            self.results[name] = finish(self.procs[name])
+        return self.results[name]
+
+    def succeeded(self, name: str) -> str:
+        """Output folder of a run that must have succeeded (fails the test with its stderr otherwise)."""
+        r = self.result(name)
+        assert r.returncode == 0, f"run {name} failed ({r.returncode}):\n{r.stderr[-4000:]}"
+        return self.out(name)
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()

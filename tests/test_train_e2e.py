@@ -1,0 +1,80 @@
+"""End-to-end runs of the real CLI on CPU device meshes (slow: each compiles the step graph).
+
+The runs are started once per session by the `train_runs` fixture and inspected here.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _unet_weights(folder: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_four_device_mesh_equals_one_device(train_runs):
+    """Same seed, data, noise and timesteps: 3 fp32 steps on a 4-device and a 1-device mesh agree."""
+    four, one = train_runs.succeeded("fp32_4dev"), train_runs.succeeded("fp32_1dev")
+    m4, m1 = read_metrics(four), read_metrics(one)
+    assert [m["step"] for m in m4] == [m["step"] for m in m1] == [1, 2, 3]
+    losses4, losses1 = np.array([m["loss"] for m in m4]), np.array([m["loss"] for m in m1])
+    np.testing.assert_allclose(losses4, losses1, rtol=1e-5)
+    w4, w1, w0 = _unet_weights(four), _unet_weights(one), _unet_weights(train_runs.pipeline)
+    assert w4.keys() == w1.keys()
+    diff = torch.sqrt(sum(((w4[k] - w1[k]) ** 2).sum() for k in w4))
+    norm = torch.sqrt(sum((w1[k] ** 2).sum() for k in w1))
+    assert diff / norm <= 1e-5, f"relative weight difference {diff / norm:.3e}"
+    # and training did move the weights (the comparison above is not between two untouched copies)
+    moved = torch.sqrt(sum(((w1[k] - w0[k]) ** 2).sum() for k in w1)) / norm
+    assert moved > 100 * (diff / norm)
+    summary = json.load(open(os.path.join(four, "train_summary.json")))
+    assert summary["mesh"] == {"data": 4, "fsdp": 1} and summary["prediction_type"] == "v_prediction"
+    assert json.load(open(os.path.join(one, "train_summary.json")))["num_devices"] == 1
+
+
+def test_bf16_run_compiles_at_most_two_graphs(train_runs):
+    out = train_runs.succeeded("bf16")
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in metrics)
+    assert max(m["compilations"] for m in metrics) <= 2
+    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    assert summary["compilations"] <= 2 and summary["steps"] == 10 and summary["mixed_precision"] == "bf16"
+    assert f"{summary['compilations']} XLA compilations" in train_runs.result("bf16").stderr
+
+
+def test_compilation_bound_stops_the_run(train_runs):
+    r = train_runs.result("bound")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the training step compiled 2 XLA graphs") and "--max_compilations 1" in last
+    # a stopped run exports nothing that looks complete
+    assert not os.path.exists(os.path.join(train_runs.out("bound"), "model_index.json"))
+
+
+def test_export_loads_in_diffusers_and_generates(train_runs):
+    from diffusers import StableDiffusionPipeline
+
+    out = train_runs.succeeded("bf16")
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    image = pipe(
+        "a red circle on a blue background", num_inference_steps=2, height=64, width=64, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # trained UNet in fp32 safetensors; the frozen parts exactly as loaded
+    trained, initial = _unet_weights(out), _unet_weights(train_runs.pipeline)
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+    vae = load_file(os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
+    vae0 = load_file(os.path.join(train_runs.pipeline, "vae", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae[k], vae0[k]) for k in vae0)
