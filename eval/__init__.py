@@ -1,0 +1,1 @@
+"""Sampling, grids and quality metrics for trained pipelines."""
