@@ -16,6 +16,11 @@ from tests.helpers import read_metrics
 pytestmark = pytest.mark.slow
 
 
+def _summary(folder: str) -> dict:
+    with open(os.path.join(folder, "train_summary.json")) as f:
+        return json.load(f)
+
+
 def _unet_weights(folder: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
@@ -35,9 +40,9 @@ def test_four_device_mesh_equals_one_device(train_runs):
     # and training did move the weights (the comparison above is not between two untouched copies)
     moved = torch.sqrt(sum(((w1[k] - w0[k]) ** 2).sum() for k in w1)) / norm
     assert moved > 100 * (diff / norm)
-    summary = json.load(open(os.path.join(four, "train_summary.json")))
+    summary = _summary(four)
     assert summary["mesh"] == {"data": 4, "fsdp": 1} and summary["prediction_type"] == "v_prediction"
-    assert json.load(open(os.path.join(one, "train_summary.json")))["num_devices"] == 1
+    assert _summary(one)["num_devices"] == 1
 
 
 def test_bf16_run_compiles_at_most_two_graphs(train_runs):
@@ -46,7 +51,7 @@ def test_bf16_run_compiles_at_most_two_graphs(train_runs):
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in metrics)
     assert max(m["compilations"] for m in metrics) <= 2
-    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    summary = _summary(out)
     assert summary["compilations"] <= 2 and summary["steps"] == 10 and summary["mixed_precision"] == "bf16"
     assert f"{summary['compilations']} XLA compilations" in train_runs.result("bf16").stderr
 

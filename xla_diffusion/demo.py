@@ -16,6 +16,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _summary(folder: str) -> dict:
+    with open(os.path.join(folder, "train_summary.json")) as f:
+        return json.load(f)
+
+
 def _run_trainer(args: list[str], num_devices: int) -> None:
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(num_devices), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         args.num_devices,
     )
-    summary = json.load(open(os.path.join(model_dir, "train_summary.json")))
+    summary = _summary(model_dir)
     with open(os.path.join(data_dir, "heldout_prompts.jsonl")) as f:
         heldout = [json.loads(line)["text"] for line in f if line.strip()][:4]
     prompts = heldout + [
