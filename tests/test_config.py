@@ -10,7 +10,8 @@ BASE = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
 def test_help_says_batch_is_per_host():
     text = " ".join(build_parser().format_help().split())
     assert "PER HOST" in text
-    for flag in ["--snr_gamma", "--prediction_type", "--loader_prefetch_size", "--device_prefetch_size", "--print_loss"]:
+    flags = ["--snr_gamma", "--prediction_type", "--loader_prefetch_size", "--device_prefetch_size", "--print_loss"]
+    for flag in flags:
         assert flag in text
 
 
