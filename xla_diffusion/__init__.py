@@ -1,0 +1,1 @@
+"""PyTorch/XLA SPMD text-to-image latent diffusion trainer."""
