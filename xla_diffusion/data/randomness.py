@@ -49,3 +49,30 @@ class WithDiffusionRandomness:
             if self.with_latent_eps:
                 batch["latent_eps"] = torch.randn((b, *self.latent_shape), generator=g)
             yield batch
+
+
+class CaptionDropout:
+    """Replace each sample's caption by the empty prompt with probability `p` (host-drawn, seeded), so
+    the model also learns the unconditional prediction that classifier-free guidance needs.
+
+    `empty` maps the batch key that carries the caption (`input_ids` (L,) or `encoder_hidden_states`
+    (L, D)) to its value for the empty prompt "".
+    """
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]], p: float, empty: dict[str, torch.Tensor],
+                 seed: int, process_index: int = 0):
+        self.batches, self.p, self.empty = batches, p, empty
+        self.seed = seed * 1_000_003 + process_index + 500_009
+        self.ndims = getattr(batches, "ndims", {})
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed)
+        for batch in self.batches:
+            key = next(k for k in self.empty if k in batch)
+            b = batch[key].shape[0]
+            drop = torch.rand(b, generator=g) < self.p
+            batch = dict(batch)
+            value = batch[key].clone()
+            value[drop] = self.empty[key].to(value.dtype)
+            batch[key] = value
+            yield batch
