@@ -16,6 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
+# gcsfs reads this at import: without it the first bucket access stalls on a gRPC probe (GCS emulator tests).
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset imports albumentations, which phones home
 os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "xla_diffusion_test_hf_home"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +56,26 @@ def train_runs(tiny_pipeline, shapes_dir, tmp_path_factory) -> TrainRuns:
     runs.start_all()
     yield runs
     runs.kill_all()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on loopback for every gs:// test (STORAGE_EMULATOR_HOST is set for this process and
+    the processes it starts); it stops with the session."""
+    from tests.gcs_emulator import start_emulator
+
+    emulator = start_emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """Eager CPU work on one intra-op thread for a test module: the suite's trainer subprocesses keep both
+    cores busy, and two spinning OpenMP threads per process then run ~10x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

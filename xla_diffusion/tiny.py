@@ -160,7 +160,7 @@ def build_scheduler() -> DDPMScheduler:
     )
 
 
-def build_tiny_pipeline(output_dir: str, seed: int = 0) -> str:
+def build_tiny_pipeline(output_dir: str, seed: int = 0, vae_dir: str | None = None) -> str:
     """Write a tiny random-weight ``StableDiffusionPipeline`` to ``output_dir`` and return it.
 
     Each module is constructed right after ``torch.manual_seed(seed)`` so its weights do not depend
@@ -170,7 +170,9 @@ def build_tiny_pipeline(output_dir: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     text_encoder = build_text_encoder(tokenizer)
     torch.manual_seed(seed)
-    vae = build_vae()
+    # A trained VAE (xla_diffusion/tiny_vae.py) makes decoded samples meaningful; random init is enough
+    # for every test of the training machinery.
+    vae = AutoencoderKL.from_pretrained(vae_dir) if vae_dir else build_vae()
     torch.manual_seed(seed)
     unet = build_unet()
     pipe = StableDiffusionPipeline(
@@ -191,8 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae_dir", default=None, help="a trained tiny AutoencoderKL folder to use")
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.output_dir, seed=args.seed))
+    print(build_tiny_pipeline(args.output_dir, seed=args.seed, vae_dir=args.vae_dir))
 
 
 if __name__ == "__main__":
