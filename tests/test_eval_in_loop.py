@@ -1,0 +1,174 @@
+"""In-loop evaluation in a real CLI run on the 4-device mesh (the session's `evalloop` run): the validation loss
+and validation samples every 2 steps add no compilation to the training step, their own graphs compile once,
+and the sharded validation samples are what eager CPU sampling of the exported pipeline gives."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import VALIDATION_PROMPTS, read_metrics
+from xla_diffusion.config import ConfigError, parse_args
+
+
+@pytest.mark.slow
+def test_evaluation_adds_no_compilation_to_the_training_step(train_runs):
+    out = train_runs.succeeded("evalloop")
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    vals = [r for r in records if "validation_dir" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # the step's own count: first step + steady state, also after the evaluations at steps 2 and 4
+    assert [r["compilations"] for r in train] == [1, 2, 2, 2]
+    assert [r["step"] for r in evals] == [2, 4] and [r["step"] for r in vals] == [2, 4]
+    # each evaluation graph compiled at the first evaluation only (the counts are cumulative)
+    assert evals[0]["eval_compilations"] == evals[1]["eval_compilations"] >= 1
+    assert vals[0]["validation_compilations"] == vals[1]["validation_compilations"] >= 3
+    with open(os.path.join(out, "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["compilations"] == 2
+    assert summary["eval_compilations"] == evals[0]["eval_compilations"]
+    assert summary["validation_compilations"] == vals[0]["validation_compilations"]
+
+
+@pytest.mark.slow
+def test_eval_loss_is_per_timestep_and_moves_with_training(train_runs):
+    out = train_runs.succeeded("evalloop")
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    per_t = sorted(k for k in evals[0] if k.startswith("eval_loss_t"))
+    assert per_t == ["eval_loss_t0125", "eval_loss_t0375", "eval_loss_t0625", "eval_loss_t0875"]
+    for r in evals:
+        assert np.isfinite(r["eval_loss"])
+        assert r["eval_loss"] == pytest.approx(np.mean([r[k] for k in per_t]), rel=1e-6)
+    # same held-out samples and noise, weights trained two more steps
+    assert evals[0]["eval_loss"] != evals[1]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_validation_samples_equal_cpu_sampling_of_the_export(train_runs):
+    """Step 4 is the last step: the exported UNet is the one that drew step_000004's samples on the mesh
+    (3 prompts padded to 4, sharded over 4 devices); eager CPU sampling with the same options agrees."""
+    from eval.sample import SampleOptions, generate, load_sampler_models
+
+    out = train_runs.succeeded("evalloop")
+    folder = os.path.join(out, "validation", "step_000004")
+    for name in ("grid.png", "samples.npz", "prompts.jsonl", "images/00002.png"):
+        assert os.path.exists(os.path.join(folder, name)), name
+    data = np.load(os.path.join(folder, "samples.npz"))
+    assert list(data["prompts"]) == VALIDATION_PROMPTS and data["images"].shape == (3, 64, 64, 3)
+    models, _ = load_sampler_models(out, "cpu")
+    opts = SampleOptions(guidance_scale=4.0, num_inference_steps=4, scheduler="dpm-solver++", seed=7, height=64,
+                         width=64)
+    ref = generate(models, VALIDATION_PROMPTS, opts)
+    assert np.abs(ref.astype(int) - data["images"].astype(int)).max() <= 1
+    earlier = np.load(os.path.join(out, "validation", "step_000002", "samples.npz"))["images"]
+    assert not np.array_equal(earlier, data["images"])  # the weights changed in between
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--validation_steps", "5"], "--validation_steps needs --validation_prompts"),
+        (["--validation_prompts", "a; b"], "--validation_prompts needs --validation_steps N"),
+        (["--eval_steps", "2", "--eval_fraction", "1.5"], "--eval_fraction must be in (0, 1)"),
+        (["--eval_steps", "-1"], "must be >= 0"),
+        (["--validation_scheduler", "heun"], "invalid choice"),
+    ],
+)
+def test_bad_evaluation_flags_are_one_error_line(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def _cfg(tiny_pipeline, shapes_dir, *extra):
+    return parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir",
+                       os.path.join(shapes_dir, "train"), "--resolution", "64", "--train_batch_size", "8", *extra])
+
+
+def test_heldout_fraction_is_left_out_of_training(tiny_pipeline, shapes_dir):
+    """--eval_steps without --eval_data_dir: a fixed quarter of the images is the held-out set, and the
+    training dataset no longer has them; the held-out batches carry fixed noise per timestep."""
+    import torch
+
+    from xla_diffusion.data.images import load_image_caption_dataset
+    from xla_diffusion.evaluation import heldout_batches
+    from xla_diffusion.models import load_models
+    from xla_diffusion.runtime import Runtime
+
+    cfg = _cfg(tiny_pipeline, shapes_dir, "--eval_steps", "2", "--eval_fraction", "0.25", "--eval_timesteps", "3")
+    assert cfg.eval_heldout_fraction == 0.25
+    data = os.path.join(shapes_dir, "train")
+
+    def fingerprints(ds):
+        return {np.asarray(img).tobytes() for img in ds["image"]}
+
+    train = load_image_caption_dataset(None, data, "image", "text", heldout_fraction=cfg.eval_heldout_fraction)
+    held = load_image_caption_dataset(None, data, "image", "text", heldout_fraction=0.25, part="heldout")
+    everything = load_image_caption_dataset(None, data, "image", "text")
+    assert (len(train), len(held)) == (48, 16)
+    assert fingerprints(train).isdisjoint(fingerprints(held))
+    assert fingerprints(train) | fingerprints(held) == fingerprints(everything)
+    # host-side only: process 0 of 1 (no device is touched building the held-out batches)
+    host = Runtime(device=torch.device("cpu"), process_index=0, process_count=1, num_devices=4, mesh=None)
+    models = load_models(tiny_pipeline)
+    pairs = list(heldout_batches(cfg, models, host))
+    assert [t for t, _ in pairs] == [166, 500, 833] * 2
+    assert all(b["pixel_values"].shape == (8, 3, 64, 64) and (b["timesteps"] == t).all() for t, b in pairs)
+    again = list(heldout_batches(cfg, models, host))
+    assert all(torch.equal(a["noise"], b["noise"]) for (_, a), (_, b) in zip(pairs, again))
+    # without eval the training data is whole
+    assert _cfg(tiny_pipeline, shapes_dir).eval_heldout_fraction == 0.0
+    small = _cfg(tiny_pipeline, shapes_dir, "--eval_steps", "2", "--eval_fraction", "0.05")
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        heldout_batches(small, models, host)
+
+
+def test_heldout_latent_dataset_is_read_in_order_and_scored(tiny_pipeline, shapes_dir, tmp_path):
+    """--eval_data_dir pointing at a latent dataset (manifest + tar shards, as data_prep/encode.py writes them):
+    read once in shard order into fixed batches that compute_loss takes without the VAE."""
+    import torch
+    from safetensors.torch import save
+
+    from xla_diffusion.data.latents import FORMAT, FORMAT_VERSION
+    from xla_diffusion.data.tar_stream import tar_bytes
+    from xla_diffusion.evaluation import heldout_batches
+    from xla_diffusion.models import load_models
+    from xla_diffusion.runtime import Runtime
+    from xla_diffusion.train_step import StepConfig, compute_loss
+
+    root = tmp_path / "latents"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(12, 4, 16, 16, generator=g)
+    for shard in range(2):
+        samples = []
+        for i in range(6 * shard, 6 * shard + 6):
+            tensors = {"latent_mean": means[i].bfloat16(), "latent_std": torch.full((4, 16, 16), 0.1).bfloat16(),
+                       "input_ids": torch.arange(16, dtype=torch.int32),
+                       "encoder_hidden_states": torch.randn(16, 32, generator=g).bfloat16()}
+            samples.append({"__key__": f"{i:06d}", "safetensors": save(tensors), "txt": "a caption", "json": "{}"})
+        (root / f"{shard:05d}.tar").write_bytes(tar_bytes(samples))
+    (root / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "version": FORMAT_VERSION, "resolution": 64, "latent_shape": [4, 16, 16],
+        "text_shape": [16, 32], "text_states": True, "vae": {"scaling_factor": 0.5, "shift_factor": None},
+    }))
+    cfg = _cfg(tiny_pipeline, shapes_dir, "--eval_steps", "1", "--eval_data_dir", str(root), "--eval_timesteps", "2")
+    assert cfg.eval_heldout_fraction == 0.0  # an explicit held-out set: training keeps all its data
+    host = Runtime(device=torch.device("cpu"), process_index=0, process_count=1, num_devices=4, mesh=None)
+    models = load_models(tiny_pipeline, load_vae=False)
+    pairs = list(heldout_batches(cfg, models, host))
+    assert [t for t, _ in pairs] == [250, 750]  # 12 samples → one full batch of 8, the rest dropped
+    batch = pairs[0][1]
+    torch.testing.assert_close(batch["latent_mean"].float(), means[:8].bfloat16().float())
+    assert batch["encoder_hidden_states"].shape == (8, 16, 32)
+    step_cfg = StepConfig(prediction_type="epsilon", snr_gamma=None, max_grad_norm=0.0, bf16=False,
+                          scaling_factor=0.5)
+    with torch.no_grad():
+        loss = compute_loss(models.unet.eval(), None, None, batch, models.noise_scheduler.alphas_cumprod.float(),
+                            step_cfg)
+    assert torch.isfinite(loss)
