@@ -28,7 +28,7 @@ def test_randomness_is_seeded_and_distinct_per_host():
         assert all(torch.equal(x[k], y[k]) for k in x)
     assert not torch.equal(a[0]["noise"], c[0]["noise"])
     assert a[0]["noise"].shape == (64, 4, 2, 2) and a[0]["timesteps"].dtype == torch.int64
-    assert 0 <= int(a[0]["timesteps"].min()) and int(a[0]["timesteps"].max()) < 1000
+    assert int(a[0]["timesteps"].min()) >= 0 and int(a[0]["timesteps"].max()) < 1000
 
 
 def test_caption_dropout_replaces_a_fraction_with_the_empty_prompt():

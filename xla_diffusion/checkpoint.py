@@ -66,14 +66,19 @@ def export_pipeline(
     revision: str | None = None,
     variant: str | None = None,
     extra_files: dict[str, Any] | None = None,
+    prediction_type: str | None = None,
 ) -> str:
     """Write a StableDiffusionPipeline folder: the trained `unet` plus every other part exactly as
-    loaded from `source` (safetensors). `extra_files` maps file names to JSON-able objects written
+    loaded from `source` (safetensors), with the scheduler's `prediction_type` set to the one trained
+    when given. `extra_files` maps file names to JSON-able objects written
     beside it. Returns `output_dir`."""
     from diffusers import StableDiffusionPipeline
 
     cpu_unet = unet_to_cpu(unet)
     pipe = StableDiffusionPipeline.from_pretrained(source, unet=cpu_unet, revision=revision, variant=variant)
+    if prediction_type is not None:
+        # A UNet trained for v-prediction from an epsilon checkpoint must be sampled as v-prediction.
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
     local_parent = output_dir if "://" not in output_dir else None
     if local_parent:
         os.makedirs(os.path.dirname(os.path.abspath(local_parent)) or ".", exist_ok=True)

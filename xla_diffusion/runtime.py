@@ -62,11 +62,17 @@ def init_runtime(fsdp_size: int = 1, compile_cache_dir: str | None = None) -> Ru
     )
 
 
-def batch_sharding_spec(mesh: object, ndim: int) -> object:
-    """ShardingSpec splitting dim 0 over all mesh axes and replicating the rest, for an `ndim` tensor."""
-    import torch_xla.distributed.spmd as xs
+def batch_sharding_spec(mesh: object, ndim: int, host_local: bool = True) -> object:
+    """ShardingSpec splitting dim 0 over all mesh axes and replicating the rest, for an `ndim` tensor.
 
-    return xs.ShardingSpec(mesh, (BATCH_AXES,) + (None,) * (ndim - 1))
+    `host_local`: each host passes only its own part of the global batch (training and eval data, where
+    hosts read different samples); on several hosts torch_xla then assembles the global batch from the
+    parts (`minibatch`). False when every host passes the same global tensor (e.g. sampling prompts).
+    """
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    return xs.ShardingSpec(mesh, (BATCH_AXES,) + (None,) * (ndim - 1), minibatch=host_local and xr.process_count() > 1)
 
 
 def sharding_spec_string(tensor: torch.Tensor) -> str:

@@ -22,22 +22,29 @@ class StepConfig:
     shift_factor: float | None = None
 
 
-def encode_latents(vae: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: StepConfig) -> torch.Tensor:
+def encode_latents(vae: torch.nn.Module | None, batch: dict[str, torch.Tensor], cfg: StepConfig) -> torch.Tensor:
     """Scaled latents (B, C, h, w) fp32: pre-encoded `latents`, or the VAE posterior sampled with the
-    host-drawn `latent_eps` from `pixel_values` (B, 3, H, W) in [-1, 1]."""
+    host-drawn `latent_eps` (B, C, h, w), its mean and std either pre-encoded (`latent_mean`, `latent_std`
+    (B, C, h, w), bf16 from latent shards; the VAE is not touched and may be None) or computed here from
+    `pixel_values` (B, 3, H, W) in [-1, 1]. Both go through the same sampling, shift and scaling below."""
     if "latents" in batch:
         return batch["latents"].float()
-    with torch.no_grad():
-        dtype = next(vae.parameters()).dtype
-        posterior = vae.encode(batch["pixel_values"].to(dtype)).latent_dist
-        latents = (posterior.mean + posterior.std * batch["latent_eps"].to(dtype)).float()
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+    else:
+        with torch.no_grad():
+            dtype = next(vae.parameters()).dtype
+            posterior = vae.encode(batch["pixel_values"].to(dtype)).latent_dist
+            mean, std = posterior.mean, posterior.std
+    latents = (mean + std * batch["latent_eps"].to(mean.dtype)).float()
     if cfg.shift_factor is not None:
         latents = latents - cfg.shift_factor
     return latents * cfg.scaling_factor
 
 
-def encode_text(text_encoder: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Text encoder last hidden states (B, L, D): pre-encoded `encoder_hidden_states` or from `input_ids`."""
+def encode_text(text_encoder: torch.nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Text encoder last hidden states (B, L, D): pre-encoded `encoder_hidden_states` (the text encoder is
+    not touched and may be None) or computed from `input_ids` (B, L)."""
     if "encoder_hidden_states" in batch:
         return batch["encoder_hidden_states"]
     with torch.no_grad():
@@ -89,5 +96,53 @@ def train_step(
 def make_optimizer(
     unet: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float
 ) -> torch.optim.Optimizer:
-    """AdamW over the UNet's fp32 parameters; its moments are fp32 too (they follow the parameters)."""
-    return torch.optim.AdamW(unet.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    """AdamW over the UNet's fp32 parameters; its moments are fp32 too (they follow the parameters).
+
+    The learning rate is a 0-d device tensor and the step count lives on the device (`capturable`), so
+    every per-step scalar of the update is graph data computed on the device. With Python floats instead,
+    torch_xla turns scalars into graph constants when they round to 0 or 1 (or coincide with another
+    scalar): `1 - lr * weight_decay` reaches 1.0f as a decaying lr nears 0 and `1 - beta2**t` reaches
+    1.0f after ~16k steps, and each time the step compiles again.
+    """
+    device = next(unet.parameters()).device
+    return torch.optim.AdamW(
+        unet.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=device), betas=betas,
+        weight_decay=weight_decay, eps=eps, capturable=True, foreach=False,
+    )
+
+
+class LrSchedule:
+    """Learning rate per step: linear warm-up over `warmup_steps`, then constant, linear decay or cosine
+    decay to 0 at `total_steps` (diffusers' names). The value is computed on the host and copied into the
+    optimizer's device lr tensor (a transfer, never a graph constant). Warm-up starts at 1/(warmup+1)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
+        if name not in ("constant", "constant_with_warmup", "linear", "cosine"):
+            raise ValueError(f"unknown lr_scheduler {name!r}")
+        self.optimizer, self.name, self.warmup, self.total = optimizer, name, warmup_steps, total_steps
+        lr = optimizer.param_groups[0]["lr"]
+        self.peak = float(lr.detach().cpu()) if isinstance(lr, torch.Tensor) else float(lr)
+        self.lr = self.peak
+
+    def factor(self, step: int) -> float:
+        """Multiplier on the peak lr for 0-based `step`."""
+        import math
+
+        if self.name != "constant" and step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.name in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min((step - self.warmup) / max(1, self.total - self.warmup), 1.0)
+        if self.name == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def set_step(self, step: int) -> float:
+        """Set the lr for 0-based `step` in every param group; returns it."""
+        self.lr = self.peak * self.factor(step)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(torch.tensor(self.lr, dtype=torch.float32))
+            else:
+                group["lr"] = self.lr
+        return self.lr
