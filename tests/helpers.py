@@ -54,14 +54,34 @@ def read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+VALIDATION_PROMPTS = ["a red circle on a blue background", "a white square on a black background",
+                      "a green triangle on a red background"]
+EVAL_LOOP_ARGS = [
+    "--mixed_precision", "no", "--eval_steps", "2", "--eval_fraction", "0.25", "--eval_timesteps", "4",
+    "--validation_steps", "2", "--validation_prompts", "; ".join(VALIDATION_PROMPTS),
+    "--validation_scheduler", "dpm-solver++", "--validation_num_inference_steps", "4",
+    "--validation_guidance_scale", "4",
+]
+
+
+# bf16 with warm-up + cosine to a final lr of 2.5e-6, where `1 - lr * weight_decay` rounds to 1.0f: with
+# Python-float optimizer scalars that step compiled a third graph.
+BF16_ARGS = [
+    "--mixed_precision", "bf16", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--learning_rate", "5e-5"
+]
+
+
 @dataclass
 class TrainRuns:
     """The end-to-end runs of the session:
 
     - `fp32_4dev` / `fp32_1dev`: 3 fp32 steps, v-prediction + min-SNR, same seed and data, on a 4-device and
       a 1-device mesh (the equivalence pair);
-    - `bf16`: 10 bf16 steps on 4 devices, logging every step, exported (compile count, export tests);
-    - `bound`: like bf16 but --max_compilations 1, which must stop at the second graph.
+    - `bf16`: 10 bf16 steps on 4 devices with a warm-up + cosine lr schedule, logging every step, exported
+      (compile count, export tests);
+    - `bound`: like bf16 but --max_compilations 1, which must stop at the second graph;
+    - `evalloop`: 4 fp32 steps with the validation loss (a quarter of the data held out) and validation
+      samples (3 prompts: a padded batch) every 2 steps (in-loop evaluation tests).
     """
 
     pipeline: str
@@ -87,10 +107,11 @@ class TrainRuns:
         fp32 = ["--mixed_precision", "no", "--prediction_type", "v_prediction", "--snr_gamma", "5.0"]
         self.procs["fp32_4dev"] = start_cli(self.common("fp32_4dev", 3) + fp32, self.log("fp32_4dev"), 4)
         self.procs["fp32_1dev"] = start_cli(self.common("fp32_1dev", 3) + fp32, self.log("fp32_1dev"), 1)
-        self.procs["bf16"] = start_cli(self.common("bf16", 10) + ["--mixed_precision", "bf16"], self.log("bf16"), 4)
+        self.procs["bf16"] = start_cli(self.common("bf16", 10) + BF16_ARGS, self.log("bf16"), 4)
         self.procs["bound"] = start_cli(
             self.common("bound", 4) + ["--mixed_precision", "bf16", "--max_compilations", "1"], self.log("bound"), 4
         )
+        self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS, self.log("evalloop"), 4)
 
     def result(self, name: str) -> Finished:
         if name not in self.results:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # eval.sample.SCHEDULERS
 
 
 class ConfigError(ValueError):
@@ -42,8 +44,10 @@ class TrainConfig:
     dataset_name: str | None = _opt(None, "A datasets hub id or local dataset folder/script to train on.")
     dataset_config_name: str | None = _opt(None, "Config name of the dataset, if it has several.")
     train_data_dir: str | None = _opt(
-        None, "A local image folder with metadata.jsonl (datasets' imagefolder layout); used when "
-        "--dataset_name is not given."
+        None, "A local image folder with metadata.jsonl (datasets' imagefolder layout), or a latent dataset "
+        "made by data_prep/encode.py (a folder or gs:// prefix with manifest.json and *.tar shards: the step then "
+        "skips the VAE, and the text encoder when the shards hold text states); used when --dataset_name is "
+        "not given."
     )
     image_column: str = _opt("image", "Dataset column holding the images.")
     caption_column: str = _opt("text", "Dataset column holding the captions.")
@@ -52,6 +56,7 @@ class TrainConfig:
     center_crop: bool = _opt(False, "Center-crop instead of random-crop after resizing.")
     random_flip: bool = _opt(False, "Randomly flip images horizontally.")
     dataloader_num_workers: int = _opt(0, "Host data-loader worker processes (0 loads in the main process).")
+    shuffle_buffer_size: int = _opt(1000, "Samples in the shuffle buffer of each latent-shard reader.")
     loader_prefetch_size: int = _opt(1, "Batches the host loader queues ahead (MpDeviceLoader).")
     device_prefetch_size: int = _opt(1, "Batches kept on the devices ahead of the step (MpDeviceLoader).")
     # optimisation
@@ -60,7 +65,11 @@ class TrainConfig:
         "sharded over all devices of the mesh, so it must divide evenly among them."
     )
     max_train_steps: int = _opt(100, "Number of optimizer steps to run.")
-    learning_rate: float = _opt(1e-4, "AdamW learning rate (constant).")
+    learning_rate: float = _opt(1e-4, "AdamW peak learning rate.")
+    lr_scheduler: str = _opt(
+        "constant", "Learning-rate schedule (diffusers' names).", choices=LR_SCHEDULERS
+    )
+    lr_warmup_steps: int = _opt(0, "Steps of linear learning-rate warm-up.")
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.999, "AdamW beta2.")
     adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay.")
@@ -68,6 +77,10 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value (<= 0 disables).")
     prediction_type: Literal["epsilon", "v_prediction"] | None = _opt(
         None, "Training target; default: the scheduler's own prediction_type.", choices=PREDICTION_TYPES
+    )
+    proportion_empty_prompts: float = _opt(
+        0.0, "Fraction of captions replaced by the empty prompt, to train the unconditional prediction that "
+        "classifier-free guidance uses."
     )
     snr_gamma: float | None = _opt(
         None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the recommended value. Off if unset."
@@ -90,6 +103,30 @@ class TrainConfig:
     timing_warmup_steps: int = _opt(3, "Steps excluded from the reported mean step time.")
     profile_duration: int = _opt(10000, "Profile capture length in ms when PROFILE_DIR is set.")
     profile_start_step: int = _opt(5, "Step at which the profile capture starts when PROFILE_DIR is set.")
+    # evaluation during training (each in its own XLA graphs, compiled once; never touches the step graph)
+    validation_prompts: str | None = _opt(
+        None, "Prompts sampled every --validation_steps: ';'-separated, or a file (one per line, or JSON lines "
+        "with \"text\")."
+    )
+    validation_steps: int = _opt(
+        0, "Every N steps sample --validation_prompts into OUTPUT_DIR/validation/step_XXXXXX/ (0: never)."
+    )
+    num_validation_images: int = _opt(1, "Images per validation prompt.")
+    validation_guidance_scale: float = _opt(7.5, "Classifier-free guidance scale of the validation samples.")
+    validation_num_inference_steps: int = _opt(25, "Denoising steps of the validation samples.")
+    validation_scheduler: str = _opt("ddim", "Sampler of the validation samples.", choices=SAMPLERS)
+    eval_steps: int = _opt(
+        0, "Every N steps compute the validation loss at --eval_timesteps fixed timesteps on the held-out set, "
+        "logged as eval_loss (0: never)."
+    )
+    eval_data_dir: str | None = _opt(
+        None, "Held-out data for --eval_steps (an image folder with metadata.jsonl, or a latent dataset); "
+        "default: --eval_fraction of the training data, held out of training."
+    )
+    eval_fraction: float = _opt(0.05, "Fraction of the training data held out for --eval_steps without "
+                                "--eval_data_dir.")
+    eval_timesteps: int = _opt(8, "Number of evenly spaced timesteps the validation loss averages over.")
+    max_eval_samples: int | None = _opt(None, "Use at most this many held-out samples (per host).")
 
     def __post_init__(self) -> None:
         if self.print_loss:
@@ -101,12 +138,26 @@ class TrainConfig:
             (self.max_train_steps < 1, "--max_train_steps must be >= 1"),
             (self.resolution < 8 or self.resolution % 8, "--resolution must be a positive multiple of 8"),
             (self.learning_rate <= 0, "--learning_rate must be > 0"),
+            (self.lr_warmup_steps < 0, "--lr_warmup_steps must be >= 0"),
             (not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)"),
             (self.snr_gamma is not None and self.snr_gamma <= 0, "--snr_gamma must be > 0"),
+            (not 0 <= self.proportion_empty_prompts < 1, "--proportion_empty_prompts must be in [0, 1)"),
             (self.fsdp_size < 1, "--fsdp_size must be >= 1"),
             (self.logging_steps < 1, "--logging_steps must be >= 1"),
             (self.max_compilations < 1, "--max_compilations must be >= 1"),
             (self.dataloader_num_workers < 0, "--dataloader_num_workers must be >= 0"),
+            (self.shuffle_buffer_size < 1, "--shuffle_buffer_size must be >= 1"),
+            (self.validation_steps < 0 or self.eval_steps < 0, "--validation_steps and --eval_steps must be >= 0"),
+            (self.validation_steps > 0 and not self.validation_prompts,
+             "--validation_steps needs --validation_prompts"),
+            (bool(self.validation_prompts) and self.validation_steps == 0,
+             "--validation_prompts needs --validation_steps N"),
+            (self.num_validation_images < 1, "--num_validation_images must be >= 1"),
+            (self.validation_num_inference_steps < 1, "--validation_num_inference_steps must be >= 1"),
+            (self.validation_scheduler not in SAMPLERS, f"--validation_scheduler must be one of {', '.join(SAMPLERS)}"),
+            (not 0 < self.eval_fraction < 1, "--eval_fraction must be in (0, 1)"),
+            (self.eval_timesteps < 1, "--eval_timesteps must be >= 1"),
+            (self.max_eval_samples is not None and self.max_eval_samples < 1, "--max_eval_samples must be >= 1"),
         ]
         for bad, message in checks:
             if bad:
@@ -117,6 +168,12 @@ class TrainConfig:
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+
+    @property
+    def eval_heldout_fraction(self) -> float:
+        """Fraction of the training data held out of training: --eval_fraction when the validation loss is on
+        and has no --eval_data_dir, else 0."""
+        return self.eval_fraction if self.eval_steps > 0 and self.eval_data_dir is None else 0.0
 
     @property
     def profile_dir(self) -> str | None:

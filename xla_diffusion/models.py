@@ -21,21 +21,26 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class Models:
     tokenizer: Any
-    text_encoder: Any  # transformers.CLIPTextModel, frozen
-    vae: Any  # diffusers.AutoencoderKL, frozen
-    unet: Any  # diffusers.UNet2DConditionModel, trained
+    text_encoder: Any  # transformers.CLIPTextModel, frozen (None when not loaded)
+    vae: Any  # diffusers.AutoencoderKL, frozen (None when not loaded)
+    unet: Any  # diffusers.UNet2DConditionModel, trained (None when not loaded)
     noise_scheduler: Any  # diffusers.DDPMScheduler (the training schedule)
     source: str  # the local folder or hub id the parts came from
+    vae_config: Any = None  # the VAE's config, also when the VAE itself was not loaded (pre-encoded latents)
 
     @property
     def vae_scale(self) -> int:
         """Spatial downsampling factor of the VAE (8 for Stable Diffusion)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self._vae_config.block_out_channels) - 1)
+
+    @property
+    def _vae_config(self) -> Any:
+        return self.vae_config if self.vae_config is not None else self.vae.config
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a resolution × resolution image."""
         side = resolution // self.vae_scale
-        return (self.vae.config.latent_channels, side, side)
+        return (self._vae_config.latent_channels, side, side)
 
 
 def _looks_local(path: str) -> bool:
@@ -60,31 +65,49 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> str:
     return os.path.expanduser(path)
 
 
+def _config_only(cls: Any, source: str, subfolder: str, common: dict[str, Any]) -> Any:
+    """A model's config (attribute access, class defaults filled in) without building the model."""
+    from diffusers.configuration_utils import FrozenDict
+
+    init, _, _ = cls.extract_init_dict(cls.load_config(source, subfolder=subfolder, **common))
+    return FrozenDict(init)
+
+
 def load_models(
     pretrained_model_name_or_path: str,
     revision: str | None = None,
     variant: str | None = None,
     cache_dir: str | None = None,
+    *,
+    load_vae: bool = True,
+    load_text_encoder: bool = True,
+    load_unet: bool = True,
 ) -> Models:
-    """Load all parts on the CPU in fp32. Raises ModelLoadError with a one-line reason."""
+    """Load the parts on the CPU in fp32; the ones switched off stay None (training on pre-encoded latents
+    needs neither encoder; encoding needs no UNet). Raises ModelLoadError with a one-line reason."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_model_path(pretrained_model_name_or_path, cache_dir)
     common = {"revision": revision, "cache_dir": cache_dir}
+    text_encoder = vae = unet = None
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **common)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common)
+        if load_text_encoder:
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **common)
+            text_encoder.requires_grad_(False).eval()
+        vae_config = None if load_vae else _config_only(AutoencoderKL, source, "vae", common)
+        if load_vae:
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common)
+            vae.requires_grad_(False).eval()
+        if load_unet:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common)
+            unet.train()
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the pipeline from {pretrained_model_name_or_path!r}: {first}") from None
-    text_encoder.requires_grad_(False).eval()
-    vae.requires_grad_(False).eval()
-    unet.train()
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, source, vae_config=vae_config)
 
 
 def frozen_dtype(mixed_precision: str) -> torch.dtype:

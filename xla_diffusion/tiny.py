@@ -131,19 +131,34 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
+UNET_PRESETS: dict[str, dict] = {
+    # the test kit: the smallest UNet with cross-attention, cheap to compile
+    "tiny": {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": 8,
+    },
+    # the demo's: cross-attention at both resolutions, so the prompt reaches the full-resolution features
+    "demo": {
+        "block_out_channels": (48, 96),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "attention_head_dim": 16,
+    },
+}
+
+
+def build_unet(preset: str = "tiny") -> UNet2DConditionModel:
     """UNet on latents (B, 4, 16, 16) conditioned on text states (B, 16, 32)."""
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN_SIZE,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **UNET_PRESETS[preset],
     )
 
 
@@ -160,7 +175,7 @@ def build_scheduler() -> DDPMScheduler:
     )
 
 
-def build_tiny_pipeline(output_dir: str, seed: int = 0, vae_dir: str | None = None) -> str:
+def build_tiny_pipeline(output_dir: str, seed: int = 0, vae_dir: str | None = None, unet: str = "tiny") -> str:
     """Write a tiny random-weight ``StableDiffusionPipeline`` to ``output_dir`` and return it.
 
     Each module is constructed right after ``torch.manual_seed(seed)`` so its weights do not depend
@@ -174,12 +189,12 @@ def build_tiny_pipeline(output_dir: str, seed: int = 0, vae_dir: str | None = No
     # for every test of the training machinery.
     vae = AutoencoderKL.from_pretrained(vae_dir) if vae_dir else build_vae()
     torch.manual_seed(seed)
-    unet = build_unet()
+    unet_model = build_unet(unet)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet_model,
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -194,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae_dir", default=None, help="a trained tiny AutoencoderKL folder to use")
+    parser.add_argument("--unet", default="tiny", choices=sorted(UNET_PRESETS))
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.output_dir, seed=args.seed, vae_dir=args.vae_dir))
+    print(build_tiny_pipeline(args.output_dir, seed=args.seed, vae_dir=args.vae_dir, unet=args.unet))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ training step on these (as diffusers' examples do); pre-encoded latents plug in 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision import transforms
 
@@ -28,9 +30,13 @@ def load_image_caption_dataset(
     max_train_samples: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    heldout_fraction: float = 0.0,
+    part: str = "train",
 ) -> Any:
     """Load the training split and keep this process's contiguous 1/process_count of it.
 
+    With `heldout_fraction` > 0 a fixed random ceil(fraction * N) samples are held out for evaluation (the
+    same ones whatever --seed and the host count): `part="train"` returns the rest, `part="heldout"` them.
     Raises ConfigError (one line) when the data cannot be found or lacks a column.
     """
     import datasets
@@ -50,6 +56,11 @@ def load_image_caption_dataset(
             )
     if max_train_samples is not None:
         ds = ds.select(range(min(max_train_samples, len(ds))))
+    if heldout_fraction > 0:
+        # Split before the split over hosts, so no host trains on any host's held-out samples.
+        n_heldout = min(len(ds) - 1, math.ceil(heldout_fraction * len(ds)))
+        order = np.random.default_rng(0).permutation(len(ds))
+        ds = ds.select(sorted(order[:n_heldout] if part == "heldout" else order[n_heldout:]))
     if process_count > 1:
         # Each host trains on its own part; hosts never see each other's samples within an epoch.
         ds = ds.shard(num_shards=process_count, index=process_index, contiguous=True)
@@ -126,6 +137,13 @@ class ImageCaptionBatches:
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]).to(self.pixel_dtype),
             "input_ids": torch.stack([e["input_ids"] for e in examples]),
         }
+
+    def ordered_pass(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass in dataset order (no shuffling, last partial batch dropped): the evaluation reader."""
+        yield from torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch = 0

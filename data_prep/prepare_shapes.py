@@ -1,0 +1,83 @@
+"""Synthetic shapes → image shards → latent shards, in one call (the demo's and benchmarks' data).
+
+    OUTPUT/train/                 imagefolder (data_prep/synthetic.py), plus OUTPUT/heldout_prompts.jsonl
+    OUTPUT/image_shards/*.tar     webdataset image shards (img2dataset's layout)
+    OUTPUT/latents/               latent shards + manifest.json: pass this as --train_data_dir
+
+Each stage is skipped when its output exists (encoding resumes shard by shard). Encoding runs on the XLA
+device mesh by default: set CPU_NUM_DEVICES (and PJRT_DEVICE=CPU) in the environment for a CPU mesh.
+
+Usage: ``python -m data_prep.prepare_shapes --output_dir DIR --pretrained_model_name_or_path PIPELINE
+[--num_images 1024] [--resolution 64] [--samples_per_shard 128] [--device xla|cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+
+def prepare_shapes_latents(
+    output_dir: str,
+    pretrained_model_name_or_path: str,
+    num_images: int = 1024,
+    resolution: int = 64,
+    samples_per_shard: int = 128,
+    device: str = "xla",
+    batch_size: int = 32,
+    seed: int = 0,
+    latent_dir: str | None = None,
+) -> dict[str, Any]:
+    """Build (or finish building) the three stages; returns their paths and the encode summary.
+    `latent_dir` (default OUTPUT/latents) may be a gs:// prefix."""
+    from data_prep.encode import EncodeConfig, encode
+    from data_prep.shards import imagefolder_to_shards
+    from data_prep.synthetic import write_shapes_dataset
+
+    train_dir = os.path.join(output_dir, "train")
+    if not os.path.exists(os.path.join(train_dir, "metadata.jsonl")):
+        write_shapes_dataset(output_dir, num_images=num_images, resolution=resolution, seed=seed)
+    shard_dir = os.path.join(output_dir, "image_shards")
+    if not os.path.isdir(shard_dir) or not any(n.endswith(".tar") for n in os.listdir(shard_dir)):
+        imagefolder_to_shards(train_dir, shard_dir, samples_per_shard=samples_per_shard)
+    latents = latent_dir or os.path.join(output_dir, "latents")
+    summary = encode(EncodeConfig(
+        input_shards=shard_dir, output_dir=latents, pretrained_model_name_or_path=pretrained_model_name_or_path,
+        resolution=resolution, batch_size=batch_size, device=device,
+    ))
+    return {"train_dir": train_dir, "image_shards": shard_dir, "latents": latents,
+            "heldout_prompts": os.path.join(output_dir, "heldout_prompts.jsonl"), "encode": summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline whose VAE/text encoder to run")
+    p.add_argument("--num_images", type=int, default=1024)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--samples_per_shard", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", choices=("xla", "cpu"), default="xla")
+    p.add_argument("--latent_dir", default=None, help="where the latents go (default OUTPUT/latents; gs:// works)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from xla_diffusion.config import ConfigError
+    from xla_diffusion.models import ModelLoadError
+
+    try:
+        result = prepare_shapes_latents(
+            args.output_dir, args.pretrained_model_name_or_path, args.num_images, args.resolution,
+            args.samples_per_shard, args.device, args.batch_size, args.seed, args.latent_dir,
+        )
+    except (ConfigError, ModelLoadError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
