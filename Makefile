@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.requirements.stamp
 
-.PHONY: venv demo test lint bench clean-venv
+.PHONY: venv demo demo-quality test lint bench clean-venv
 
 # (Re)create the environment when it is missing or requirements.txt changed.
 $(STAMP): requirements.txt
@@ -17,6 +17,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m xla_diffusion.demo
 
+# The longer recipe of the demo (see README: accuracy against training minutes).
+demo-quality: $(STAMP)
+	$(BIN)/python -m xla_diffusion.demo --preset quality
+
 # pytest exits 5 when it collected no test: that must fail, not pass silently.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests; rc=$$?; \
@@ -24,6 +28,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/step_time.py
+	$(BIN)/python bench/latent_step_time.py
+	$(BIN)/python bench/latent_loader.py
+	$(BIN)/python bench/encode_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,7 +1,13 @@
-"""`make demo`: synthetic shapes → tiny pipeline → train on a 4-device CPU mesh → export → load with
-StableDiffusionPipeline.from_pretrained → a labelled PNG grid of samples.
+"""`make demo`: the whole product on one CPU machine, offline, each stage through its real CLI.
 
-Everything is made offline; the training itself is the real CLI, run as a user would run it.
+1. a tiny Stable Diffusion pipeline (committed trained VAE, random CLIP text encoder and UNet);
+2. synthetic captioned shapes → webdataset image shards → pre-encoded latent shards (VAE posterior +
+   text states, bf16) on a 4-device CPU mesh;
+3. training on the latent shards on a 4-device mesh (GSPMD batch sharding) → diffusers pipeline folder;
+4. sampling held-out prompts (prompt combinations never seen in training) with classifier-free guidance
+   → a labelled grid PNG, and the pixel-level prompt-adherence scores.
+
+`--preset quality` is the longer run (`make demo-quality`).
 """
 
 from __future__ import annotations
@@ -9,92 +15,83 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+PRESETS = {
+    # ≤ 15 minutes on 2 cores, end to end
+    "default": {"num_images": 4096, "max_train_steps": 1200, "train_batch_size": 32, "unet": "demo"},
+    "quality": {"num_images": 8192, "max_train_steps": 6000, "train_batch_size": 32, "unet": "demo"},
+}
+RESOLUTION = 32
 
-def _summary(folder: str) -> dict:
-    with open(os.path.join(folder, "train_summary.json")) as f:
-        return json.load(f)
 
-
-def _run_trainer(args: list[str], num_devices: int) -> None:
+def _run(module_or_script: list[str], num_devices: int) -> None:
+    """Run one stage as its own process (the device count is fixed when torch_xla starts)."""
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(num_devices), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+               HF_DATASETS_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+               NO_ALBUMENTATIONS_UPDATE="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.join(ROOT, "train_text_to_image_xla.py"), *args]
-    print(f"$ CPU_NUM_DEVICES={num_devices} python train_text_to_image_xla.py {' '.join(args)}", flush=True)
-    if subprocess.run(cmd, env=env).returncode:
-        raise SystemExit("demo: training failed (see the error above)")
-
-
-def sample_grid(pipeline_dir: str, prompts: list[str], out_png: str, seed: int = 0, steps: int = 30) -> str:
-    """Load the exported folder with diffusers and sample one 64 px image per prompt on the CPU."""
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from eval.grid import labelled_grid
-
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        prompts, num_inference_steps=steps, height=64, width=64, guidance_scale=4.0, output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
-    labelled_grid(list(images), prompts, cols=4).save(out_png)
-    return out_png
+    print(f"\n$ CPU_NUM_DEVICES={num_devices} python {shlex.join(module_or_script)}", flush=True)
+    if subprocess.run([sys.executable, *module_or_script], env=env, cwd=ROOT).returncode:
+        raise SystemExit(f"demo: stage failed: {module_or_script[:2]}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--output_dir", default=os.path.join(ROOT, "demo_output"))
-    p.add_argument("--num_images", type=int, default=1024)
-    p.add_argument("--max_train_steps", type=int, default=400)
-    p.add_argument("--train_batch_size", type=int, default=16)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default=None, help="default: demo_output/ (demo_output_quality/ for quality)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--max_train_steps", type=int, default=None, help="override the preset")
     p.add_argument("--num_devices", type=int, default=4)
     args = p.parse_args(argv)
-
-    from data_prep.synthetic import write_shapes_dataset
-    from xla_diffusion.tiny import build_tiny_pipeline
-
+    preset = dict(PRESETS[args.preset])
+    if args.max_train_steps:
+        preset["max_train_steps"] = args.max_train_steps
+    out = args.output_dir or os.path.join(ROOT, "demo_output" if args.preset == "default" else "demo_output_quality")
+    data, tiny, model = (os.path.join(out, d) for d in ("data", "tiny-pipeline", "trained-pipeline"))
+    samples = os.path.join(out, "samples")
     t0 = time.time()
-    data_dir, tiny_dir = os.path.join(args.output_dir, "data"), os.path.join(args.output_dir, "tiny-pipeline")
-    model_dir = os.path.join(args.output_dir, "trained-pipeline")
-    if not os.path.exists(os.path.join(data_dir, "train", "metadata.jsonl")):
-        write_shapes_dataset(data_dir, num_images=args.num_images, resolution=64, seed=0)
-    print(f"[demo] {args.num_images} synthetic shape images in {data_dir}", flush=True)
-    build_tiny_pipeline(tiny_dir, seed=0)
-    print(f"[demo] tiny Stable Diffusion pipeline in {tiny_dir}", flush=True)
-    _run_trainer(
-        [
-            "--pretrained_model_name_or_path", tiny_dir, "--train_data_dir", os.path.join(data_dir, "train"),
-            "--resolution", "64", "--center_crop", "--train_batch_size", str(args.train_batch_size),
-            "--max_train_steps", str(args.max_train_steps), "--learning_rate", "1e-3", "--mixed_precision", "bf16",
-            "--snr_gamma", "5.0", "--logging_steps", "25", "--output_dir", model_dir,
-        ],
-        args.num_devices,
+
+    from xla_diffusion.tiny import build_tiny_pipeline
+    from xla_diffusion.tiny_vae import ASSET_DIR
+
+    build_tiny_pipeline(tiny, seed=0, vae_dir=ASSET_DIR, unet=preset["unet"])
+    print(f"[demo] tiny pipeline (trained VAE, '{preset['unet']}' UNet) in {tiny}", flush=True)
+    _run(["-m", "data_prep.prepare_shapes", "--output_dir", data, "--pretrained_model_name_or_path", tiny,
+          "--num_images", str(preset["num_images"]), "--resolution", str(RESOLUTION)], args.num_devices)
+    t_train = time.time()
+    _run(["train_text_to_image_xla.py", "--pretrained_model_name_or_path", tiny,
+          "--train_data_dir", os.path.join(data, "latents"), "--resolution", str(RESOLUTION),
+          "--train_batch_size", str(preset["train_batch_size"]), "--max_train_steps", str(preset["max_train_steps"]),
+          "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
+          "--prediction_type", "v_prediction", "--snr_gamma", "5.0", "--proportion_empty_prompts", "0.1",
+          "--logging_steps", "100", "--output_dir", model], args.num_devices)
+    train_minutes = (time.time() - t_train) / 60
+    _run(["-m", "eval.sample", "--pipeline", model, "--prompt_file", os.path.join(data, "heldout_prompts.jsonl"),
+          "--output_dir", samples, "--num_images_per_prompt", "4", "--guidance_scale", "4.0",
+          "--num_inference_steps", "25", "--scheduler", "ddim", "--device", "cpu", "--max_batch_size", "36"], 1)
+    score = subprocess.run(
+        [sys.executable, "-m", "eval.shapes_score", "--samples", os.path.join(samples, "samples.npz")],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
     )
-    summary = _summary(model_dir)
-    with open(os.path.join(data_dir, "heldout_prompts.jsonl")) as f:
-        heldout = [json.loads(line)["text"] for line in f if line.strip()][:4]
-    prompts = heldout + [
-        "a red circle on a blue background", "a yellow square on a black background",
-        "a white triangle on a green background", "a blue circle on a yellow background",
-    ]
-    grid = sample_grid(model_dir, prompts, os.path.join(args.output_dir, "samples.png"))
+    if score.returncode:
+        raise SystemExit(f"demo: scoring failed: {score.stderr.strip().splitlines()[-1:]}")
+    with open(os.path.join(model, "train_summary.json")) as f:
+        summary = json.load(f)
     print(
-        f"[demo] trained {summary['steps']} steps on {summary['num_devices']} devices: "
-        f"{summary['mean_step_time_s']:.3f} s/step, {summary['images_per_s']:.1f} images/s, "
-        f"{summary['compilations']} XLA compilations, final loss {summary['final_loss']:.4f}",
-        flush=True,
+        f"\n[demo] trained {summary['steps']} steps on {summary['num_devices']} devices from latent shards in "
+        f"{train_minutes:.1f} min: {summary['mean_step_time_s']:.3f} s/step, {summary['images_per_s']:.1f} "
+        f"images/s, {summary['compilations']} XLA compilations, final loss {summary['final_loss']:.4f}"
     )
-    print(f"[demo] pipeline: {model_dir}")
-    print(f"[demo] samples (first row: held-out prompts): {grid}")
-    print(f"[demo] done in {time.time() - t0:.0f} s")
+    print(f"[demo] pipeline (loads with StableDiffusionPipeline.from_pretrained): {model}")
+    print(f"[demo] held-out prompt samples: {os.path.join(samples, 'grid.png')}")
+    print("[demo] prompt adherence on held-out prompts (pixel-level scorer, eval/shapes_score.py):")
+    print(score.stdout.strip())
+    print(f"[demo] done in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
