@@ -61,6 +61,8 @@ EVAL_LOOP_ARGS = [
     "--validation_steps", "2", "--validation_prompts", "; ".join(VALIDATION_PROMPTS),
     "--validation_scheduler", "dpm-solver++", "--validation_num_inference_steps", "4",
     "--validation_guidance_scale", "4",
+    # trained objective differs from the checkpoint scheduler's (epsilon): validation must sample with the trained one
+    "--prediction_type", "v_prediction",
 ]
 
 

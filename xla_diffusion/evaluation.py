@@ -196,7 +196,10 @@ class InLoopEvaluator:
             vae = vae if vae is not None else extra.vae.to(dtype=dtype).to(self.rt.device)
             text_encoder = text_encoder if text_encoder is not None else extra.text_encoder.to(dtype=dtype).to(
                 self.rt.device)
-        self.sampler = SamplerModels.from_models(models, unet=self.unet, vae=vae, text_encoder=text_encoder)
+        # Sample with the objective being trained (e.g. v-prediction from an epsilon checkpoint), as the export does.
+        scheduler_config = {**models.noise_scheduler.config, "prediction_type": self.step_cfg.prediction_type}
+        self.sampler = SamplerModels.from_models(models, unet=self.unet, vae=vae, text_encoder=text_encoder,
+                                                 scheduler_config=scheduler_config)
 
     def sample_options(self) -> Any:
         from eval.sample import SampleOptions
