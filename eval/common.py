@@ -1,4 +1,4 @@
-"""What the eval CLIs share: one-line errors, prompt files, and reading sample sets back."""
+"""What the eval CLIs share: one-line errors, prompt files, reading sample sets back, per-sample seeding."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import numpy as np
+import torch
 
 
 class EvalError(ValueError):
@@ -127,3 +128,10 @@ def load_samples(path: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     if len({a.shape for a in arrays}) > 1:
         raise EvalError(f"{path}: images have different sizes; resize them first")
     return np.stack(arrays), records
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sample `index`: its initial noise and any noise a stochastic scheduler adds
+    come from it alone. SeedSequence mixes (seed, index) so nearby pairs give unrelated streams."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))

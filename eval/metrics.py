@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eval.common import EvalError
+from eval.common import EvalError, sample_generator
 
 FeatureExtractor = Callable[[np.ndarray], np.ndarray]  # uint8 images (N, H, W, 3) → features (N, D)
 
@@ -205,11 +205,6 @@ def fixed_timesteps(num_train_timesteps: int, k: int) -> list[int]:
     return [int((i + 0.5) * num_train_timesteps / k) for i in range(k)]
 
 
-def _sample_generator(seed: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
 class FixedTimestepBatches:
     """Wrap a finite, ordered source of host batches (dicts of (B, ...) tensors); yield `(t, batch)` for every
     batch and every timestep in `timesteps`, each batch extended with
@@ -232,7 +227,7 @@ class FixedTimestepBatches:
         shape = (1, *self.latent_shape)
         for batch in self.batches:
             b = next(iter(batch.values())).shape[0]
-            gens = [_sample_generator(self.seed, index + i) for i in range(b)]
+            gens = [sample_generator(self.seed, index + i) for i in range(b)]
             index += b
             latent_eps = torch.cat([torch.randn(shape, generator=g) for g in gens])
             noises = [torch.cat([torch.randn(shape, generator=g) for g in gens]) for _ in self.timesteps]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval.common import EvalError, OneLineParser, load_prompt_records, run_cli, save_npz
+from eval.common import EvalError, OneLineParser, load_prompt_records, run_cli, sample_generator, save_npz
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,6 @@ class SamplerModels:
             raise EvalError(f"--height and --width must be positive multiples of {multiple} for this pipeline, "
                             f"got {height}x{width}")
         return height, width
-
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator of sample `index`: its initial noise and any noise a stochastic scheduler adds
-    come from it alone. SeedSequence mixes (seed, index) so nearby pairs give unrelated streams."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 def guided(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:

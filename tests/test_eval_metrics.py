@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_prep.synthetic import COLOURS, all_combinations, draw_shape
 from eval import metrics as M
-from eval.common import EvalError
+from eval.common import EvalError, sample_generator
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -221,7 +221,7 @@ def test_validation_loss_equals_the_objective_by_hand(tiny_models, shapes_dir):
     per_t = {t: [] for t in timesteps}
     with torch.no_grad():
         for i in range(len(pixels)):
-            g = M._sample_generator(4, i)
+            g = sample_generator(4, i)
             eps = torch.randn(1, *m.latent_shape(64), generator=g)
             noises = [torch.randn(1, *m.latent_shape(64), generator=g) for _ in timesteps]
             post = m.vae.encode(pixels[i : i + 1]).latent_dist
