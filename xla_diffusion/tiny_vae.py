@@ -1,12 +1,12 @@
 """Train the tiny kit's VAE on synthetic shapes, so its latents carry the image (a random-init VAE
 decodes to noise whatever the UNet learns, and the demo could not show prompt adherence).
 
-Eager PyTorch on the CPU, ~3 minutes on 2 idle cores (800 steps of 32 px; it also serves 64 px: the
-network is convolutional, and 64 px reconstructions are even closer). The result is a diffusers `AutoencoderKL` folder
-whose `scaling_factor` is set to 1 / std of its latents over the training distribution (as SD's 0.18215
-was chosen), so the diffusion sees unit-variance inputs. `xla_diffusion/assets/tiny_vae/` holds the
-committed output of the default command; rerunning it regenerates an equivalent file (bit-identical
-only with the same thread count and CPU kernels):
+Eager PyTorch on the CPU: 800 steps of 32 px took 7.3 minutes on 2 cores shared with other jobs. It also
+serves 64 px: the network is convolutional, and 64 px reconstructions are even closer. The result is a
+diffusers `AutoencoderKL` folder whose `scaling_factor` is set to 1 / std of its latents over the training
+distribution (as SD's 0.18215 was chosen), so the diffusion sees unit-variance inputs.
+`xla_diffusion/assets/tiny_vae/` holds the committed output of the default command; rerunning it regenerates
+an equivalent file (bit-identical only with the same thread count and CPU kernels):
 
     python -m xla_diffusion.tiny_vae --output_dir xla_diffusion/assets/tiny_vae
 """
