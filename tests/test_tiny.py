@@ -92,3 +92,28 @@ def test_from_pretrained_generates(tiny_dir: Path, monkeypatch: pytest.MonkeyPat
     assert out.images.shape == (1, 64, 64, 3)
     latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, 4, 16, 16)
+
+
+def test_frozen_random_text_encoder_keeps_words_and_their_positions() -> None:
+    """The property the demo's prompt adherence rests on (see build_text_encoder): the state at a word's
+    position is about that word there, not washed out by the random blocks, and not about the other words
+    (so held-out combinations give states seen in training)."""
+    import torch
+    import torch.nn.functional as F
+
+    from data_prep.synthetic import caption
+    from xla_diffusion.tiny import build_text_encoder
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    encoder = build_text_encoder(tok)
+    prompts = [caption("black", "circle", "red"), caption("red", "circle", "black"),
+               caption("green", "square", "black")]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = encoder(ids).last_hidden_state  # (3, 16, 32); token 0 is BOS: the fg colour is at 2, the bg at 6
+    # two colours in the same slot are far apart...
+    assert F.cosine_similarity(h[0, 2], h[1, 2], dim=0) < 0.85
+    assert F.cosine_similarity(h[0, 6], h[1, 6], dim=0) < 0.85
+    # ...and one colour in one slot barely depends on the rest of the caption
+    assert F.cosine_similarity(h[1, 6], h[2, 6], dim=0) > 0.98

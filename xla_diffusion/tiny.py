@@ -34,6 +34,7 @@ WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 TEXT_HIDDEN_SIZE = 32
+TEXT_EMBEDDING_SCALE = 50.0  # token embedding std 0.02 -> 1.0, position std 0.01 -> 0.5
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -113,7 +114,17 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    model = CLIPTextModel(config)
+    # CLIP initialises embeddings with std 0.02 (tokens) and 0.01 (positions) while every residual block
+    # adds O(1) updates (it reads LayerNorm-ed input), so a *frozen random* encoder washes the words out:
+    # the states of "a black ..." and "a red ..." at the colour position have cosine 0.97. Unit-scale
+    # embeddings keep each state about its own word and position (cosine 0.74 between the two colours,
+    # ≥ 0.99 for one word in different contexts), so held-out word combinations map to states seen in
+    # training. A real, trained CLIP does not need this.
+    with torch.no_grad():
+        model.text_model.embeddings.token_embedding.weight.mul_(TEXT_EMBEDDING_SCALE)
+        model.text_model.embeddings.position_embedding.weight.mul_(TEXT_EMBEDDING_SCALE)
+    return model
 
 
 def build_vae() -> AutoencoderKL:
