@@ -63,6 +63,8 @@ EVAL_LOOP_ARGS = [
     "--validation_guidance_scale", "4",
     # trained objective differs from the checkpoint scheduler's (epsilon): validation must sample with the trained one
     "--prediction_type", "v_prediction",
+    # validation, eval and export then use the moving average (swapped in, no extra step compilation)
+    "--use_ema", "--ema_decay", "0.9",
 ]
 
 
@@ -82,8 +84,8 @@ class TrainRuns:
     - `bf16`: 10 bf16 steps on 4 devices with a warm-up + cosine lr schedule, logging every step, exported
       (compile count, export tests);
     - `bound`: like bf16 but --max_compilations 1, which must stop at the second graph;
-    - `evalloop`: 4 fp32 steps with the validation loss (a quarter of the data held out) and validation
-      samples (3 prompts: a padded batch) every 2 steps (in-loop evaluation tests).
+    - `evalloop`: 4 fp32 steps with an EMA of the weights, the validation loss (a quarter of the data held
+      out) and validation samples (3 prompts: a padded batch) every 2 steps (in-loop evaluation tests).
     """
 
     pipeline: str

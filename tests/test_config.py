@@ -28,6 +28,7 @@ def test_defaults_and_print_loss():
         (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
         (["--resolution", "60"], "multiple of 8"),
         (["--snr_gamma", "-1"], "--snr_gamma must be > 0"),
+        (["--use_ema", "--ema_decay", "1.0"], "--ema_decay must be in [0, 1)"),
     ],
 )
 def test_bad_values_exit_with_one_line(capsys, extra, message):

@@ -67,11 +67,12 @@ def export_pipeline(
     variant: str | None = None,
     extra_files: dict[str, Any] | None = None,
     prediction_type: str | None = None,
+    sample_size: int | None = None,
 ) -> str:
     """Write a StableDiffusionPipeline folder: the trained `unet` plus every other part exactly as
     loaded from `source` (safetensors), with the scheduler's `prediction_type` set to the one trained
-    when given. `extra_files` maps file names to JSON-able objects written
-    beside it. Returns `output_dir`."""
+    and the UNet's `sample_size` (latent side) set to the one trained at, when given. `extra_files` maps
+    file names to JSON-able objects written beside it. Returns `output_dir`."""
     from diffusers import StableDiffusionPipeline
 
     cpu_unet = unet_to_cpu(unet)
@@ -79,6 +80,10 @@ def export_pipeline(
     if prediction_type is not None:
         # A UNet trained for v-prediction from an epsilon checkpoint must be sampled as v-prediction.
         pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    if sample_size is not None:
+        # The pipeline's default height/width is unet.sample_size × the VAE factor: make it the training
+        # resolution, or a model trained at 32 px from a 64 px checkpoint samples at 64 px by default.
+        pipe.unet.register_to_config(sample_size=sample_size)
     local_parent = output_dir if "://" not in output_dir else None
     if local_parent:
         os.makedirs(os.path.dirname(os.path.abspath(local_parent)) or ".", exist_ok=True)

@@ -89,6 +89,11 @@ class TrainConfig:
         "no", "bf16: frozen VAE/text encoder in bf16 and UNet forward/backward under bf16 autocast, with fp32 "
         "master weights and fp32 AdamW state.", choices=MIXED_PRECISION
     )
+    use_ema: bool = _opt(
+        False, "Keep an exponential moving average of the UNet weights (updated in the step's graph); "
+        "validation, evaluation and the exported pipeline use it."
+    )
+    ema_decay: float = _opt(0.9999, "Largest EMA decay; the decay warms up as update/(update+9) (diffusers').")
     seed: int = _opt(0, "Seed for data order, noise, timesteps and augmentation.")
     # parallelism
     fsdp_size: int = _opt(1, "Size of the mesh's 'fsdp' axis; the 'data' axis takes the remaining devices.")
@@ -141,6 +146,7 @@ class TrainConfig:
             (self.lr_warmup_steps < 0, "--lr_warmup_steps must be >= 0"),
             (not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)"),
             (self.snr_gamma is not None and self.snr_gamma <= 0, "--snr_gamma must be > 0"),
+            (not 0 <= self.ema_decay < 1, "--ema_decay must be in [0, 1)"),
             (not 0 <= self.proportion_empty_prompts < 1, "--proportion_empty_prompts must be in [0, 1)"),
             (self.fsdp_size < 1, "--fsdp_size must be >= 1"),
             (self.logging_steps < 1, "--logging_steps must be >= 1"),

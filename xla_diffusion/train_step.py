@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from . import objective
+from .ema import EmaWeights
 from .xla_ops import nearest_upsample_as_broadcast
 
 
@@ -78,9 +79,11 @@ def train_step(
     batch: dict[str, torch.Tensor],
     alphas_cumprod: torch.Tensor,
     cfg: StepConfig,
+    ema: EmaWeights | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward and one AdamW update. Returns device scalars (loss, gradient norm before
-    clipping) that stay lazy until the caller's step closure reads them."""
+    """Forward, backward, one AdamW update and, with `ema`, the moving-average update, all in one graph.
+    Returns device scalars (loss, gradient norm before clipping) that stay lazy until the caller's step
+    closure reads them."""
     loss = compute_loss(unet, vae, text_encoder, batch, alphas_cumprod, cfg)
     loss.backward()
     params = [p for p in unet.parameters() if p.grad is not None]
@@ -90,6 +93,8 @@ def train_step(
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
     return loss.detach(), grad_norm.detach()
 
 

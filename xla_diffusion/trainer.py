@@ -3,6 +3,7 @@ through step closures, a compilation bound, and the pipeline export at the end."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ import torch
 from . import runtime
 from .config import ConfigError, TrainConfig
 from .data.randomness import CaptionDropout
+from .ema import EmaWeights
 from .evaluation import InLoopEvaluator
 from .train_step import LrSchedule, StepConfig, make_optimizer, train_step
 
@@ -168,6 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         unet, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon
     )
     lr_schedule = LrSchedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
+    ema = EmaWeights(list(unet.parameters()), cfg.ema_decay) if cfg.use_ema else None
     alphas_cumprod = models.noise_scheduler.alphas_cumprod.float().to(rt.device)
     step_cfg = StepConfig(
         prediction_type=prediction_type, snr_gamma=cfg.snr_gamma, max_grad_norm=cfg.max_grad_norm,
@@ -195,7 +198,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             profiler.maybe_start(step)
             batch = next(loader)
             lr = lr_schedule.set_step(step - 1)
-            loss, grad_norm = train_step(unet, vae, text_encoder, optimizer, batch, alphas_cumprod, step_cfg)
+            if ema is not None:
+                ema.set_update(step)
+            loss, grad_norm = train_step(unet, vae, text_encoder, optimizer, batch, alphas_cumprod, step_cfg, ema)
             if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
                 runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm, lr))
             runtime.sync()
@@ -208,7 +213,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "constant values between steps (set PT_XLA_DEBUG_LEVEL=2 to see why)"
                 )
             if evaluator is not None:
-                monitor.exclude(*evaluator.maybe_run(step))
+                with ema.applied() if ema is not None else contextlib.nullcontext():
+                    monitor.exclude(*evaluator.maybe_run(step))
             if step == cfg.timing_warmup_steps and step < cfg.max_train_steps:
                 runtime.wait_device_ops()
                 t_timed, timed_from = time.perf_counter(), step
@@ -229,6 +235,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "mesh": dict(zip(runtime.MESH_AXES, (int(x) for x in rt.mesh.mesh_shape))),
         "mixed_precision": cfg.mixed_precision,
         "prediction_type": prediction_type,
+        "ema_decay": ema.decay if ema is not None else None,  # the last step's; None: no EMA
         "mean_step_time_s": mean_step,
         "timed_steps": timed_steps,
         "images_per_s": global_batch / mean_step,
@@ -245,8 +252,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "done: %d steps, %.3f s/step after warm-up, %.1f images/s, %d XLA compilations",
             cfg.max_train_steps, mean_step, summary["images_per_s"], summary["compilations"],
         )
-        export_pipeline(
-            models.source, unet, cfg.output_dir, revision=cfg.revision, variant=cfg.variant,
-            extra_files={"train_summary.json": summary}, prediction_type=prediction_type,
-        )
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            export_pipeline(
+                models.source, unet, cfg.output_dir, revision=cfg.revision, variant=cfg.variant,
+                extra_files={"train_summary.json": summary}, prediction_type=prediction_type,
+                sample_size=cfg.resolution // models.vae_scale,
+            )
     return summary

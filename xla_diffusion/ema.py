@@ -1,0 +1,69 @@
+"""Exponential moving average of the trained UNet's weights (`--use_ema`), updated inside the step's graph.
+
+The shadow weights are fp32 device tensors beside the master weights. Their update is traced right after
+the optimizer step, so it is part of the one compiled step graph; the decay of each step is a 0-d device
+tensor filled from the host (a transfer, like the learning rate), never a graph constant that would
+recompile the step when its value changes. In-loop validation, evaluation and the export swap the shadow
+tensors into the module (a Python-side exchange of `.data`: no device work, no copy), so they run the
+graphs they always run, on the averaged weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def ema_decay(update: int, max_decay: float) -> float:
+    """Decay applied at optimizer update number `update` (1-based): 0 at the first (the average starts as
+    the weights after one update), then (update / (update + 9)) capped at `max_decay`. This is diffusers'
+    EMAModel default warm-up, so short runs are not dominated by the initial weights."""
+    if update <= 1:
+        return 0.0
+    return min(max_decay, update / (update + 9))
+
+
+class EmaWeights:
+    """Shadow copies of `params` (fp32, on their device) and their update rule
+    shadow <- decay * shadow + (1 - decay) * param."""
+
+    def __init__(self, params: list[torch.nn.Parameter], max_decay: float):
+        self.params = list(params)
+        self.max_decay = max_decay
+        # Built by a host round trip, not `clone()`: on XLA a clone is a pending lazy op that the next graph
+        # cut (possibly an evaluation's) would compile as one more graph; transferred tensors are plain
+        # device data. Parameters are replicated over the mesh (batch-only sharding), so the shadows need
+        # no sharding annotation of their own.
+        with torch.no_grad():
+            self.shadow = [p.detach().to("cpu", copy=True).to(p.device) for p in self.params]
+        device = self.params[0].device
+        self._decay = torch.zeros((), dtype=torch.float32).to(device)
+        self.decay = 0.0
+
+    def set_update(self, update: int) -> float:
+        """Set the decay for optimizer update number `update` (1-based) before the step runs; returns it."""
+        self.decay = ema_decay(update, self.max_decay)
+        self._decay.copy_(torch.tensor(self.decay, dtype=torch.float32))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Trace the update into the current graph (call after optimizer.step(), before the graph runs)."""
+        weight = 1.0 - self._decay
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), weight)
+
+    def _swap(self) -> None:
+        for i, p in enumerate(self.params):
+            p.data, self.shadow[i] = self.shadow[i], p.data
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the module holds the averaged weights; the training weights come back after."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
