@@ -27,15 +27,14 @@ def cpu_env(devices: int) -> dict[str, str]:
                 GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", PYTHONPATH=ROOT)
 
 
-def train_summary(data: str, pipeline: str, out: str, steps: int, warmup: int, batch: int, devices: int,
-                  extra: list[str] = ()) -> dict:
+def train_summary(data: str, pipeline: str, out: str, steps: int, warmup: int, batch: int, devices: int) -> dict:
     """Run the trainer CLI on `data` (image folder or latent dataset) and return its train_summary.json."""
     cmd = [
         sys.executable, os.path.join(ROOT, "train_text_to_image_xla.py"),
         "--pretrained_model_name_or_path", pipeline, "--train_data_dir", data, "--resolution", "64",
         "--center_crop", "--train_batch_size", str(batch), "--max_train_steps", str(steps),
         "--timing_warmup_steps", str(warmup), "--logging_steps", str(steps), "--mixed_precision", "bf16",
-        "--output_dir", out, *extra,
+        "--output_dir", out,
     ]
     subprocess.run(cmd, env=cpu_env(devices), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "train_summary.json")) as f:

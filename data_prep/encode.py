@@ -120,7 +120,6 @@ class Encoders:
         # Cast on the host: a cast on the device would be one more graph.
         self.vae = models.vae.to(dtype=dtype).to(self.device)
         self.text_encoder = models.text_encoder.to(dtype=dtype).to(self.device) if self.store_text else None
-        self.dtype = dtype
 
     def _send(self, batch: LocalBatch) -> list[torch.Tensor]:
         tensors = [batch.pixels, batch.input_ids, batch.valid]

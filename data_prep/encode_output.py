@@ -105,8 +105,6 @@ class OutputShards:
 
 def build_manifest(cfg: EncodeConfig, models: Any, text_hidden: int) -> dict[str, Any]:
     vae_cfg = models.vae.config
-    scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    side = cfg.resolution // scale
     length = models.tokenizer.model_max_length
     return {
         "format": FORMAT,
@@ -117,7 +115,7 @@ def build_manifest(cfg: EncodeConfig, models: Any, text_hidden: int) -> dict[str
         "vae": {
             "id": f"{cfg.pretrained_model_name_or_path}/vae",
             "latent_channels": int(vae_cfg.latent_channels),
-            "downsampling_factor": scale,
+            "downsampling_factor": models.vae_scale,
             "scaling_factor": float(vae_cfg.scaling_factor),
             "shift_factor": None if getattr(vae_cfg, "shift_factor", None) is None else float(vae_cfg.shift_factor),
         },
@@ -130,7 +128,7 @@ def build_manifest(cfg: EncodeConfig, models: Any, text_hidden: int) -> dict[str
         "resolution": cfg.resolution,
         "preprocessing": "resize shorter side (bilinear) + center crop; [-1, 1]",
         "min_image_size": cfg.min_image_size,
-        "latent_shape": [int(vae_cfg.latent_channels), side, side],
+        "latent_shape": list(models.latent_shape(cfg.resolution)),
         "text_shape": [length, text_hidden],
         "text_states": not cfg.no_text_states,
         "dtype": "bfloat16",

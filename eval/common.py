@@ -78,14 +78,6 @@ def load_prompt_records(prompt: str | None = None, prompt_file: str | None = Non
     return records
 
 
-def validation_prompt_list(value: str) -> list[str]:
-    """The trainer's --validation_prompts: a file (one prompt per line, or jsonl with "text") when such a
-    file exists, else ";"-separated prompts."""
-    if os.path.isfile(value):
-        return [r["text"] for r in load_prompt_records(prompt_file=value)]
-    return [r["text"] for r in load_prompt_records(prompt=value)]
-
-
 def save_npz(path: str, **arrays: np.ndarray) -> None:
     """np.savez to a local path or any fsspec URL (gs://...)."""
     buf = io.BytesIO()

@@ -262,9 +262,7 @@ def validation_loss(
 from eval.likelihood import (  # noqa: E402, F401
     VLBSchedule,
     bits_per_dim,
-    decoder_nll,
     diffusion_kl,
-    prior_kl,
     timestep_strata,
     unet_predictor,
 )

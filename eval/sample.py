@@ -31,6 +31,7 @@ import torch
 
 from eval.common import EvalError, OneLineParser, load_prompt_records, run_cli, sample_generator
 from eval.sample_io import SCHEDULERS, make_scheduler, sample_records, write_samples
+from xla_diffusion.data.images import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,6 @@ def guided(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> 
     return pred_uncond + scale * (pred_cond - pred_uncond)
 
 
-def _tokenize(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
-    """(B, tokenizer.model_max_length) ids, padded to the fixed length (fixed shapes, and what SD uses)."""
-    return tokenizer(
-        list(texts), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
     params = inspect.signature(scheduler.step).parameters
     return {"generator": generators} if "generator" in params else {}
@@ -168,7 +161,7 @@ def sample_batch(
     scheduler.set_timesteps(opts.num_inference_steps)
     unet_dtype = _module_dtype(models.unet)
 
-    ids = _tokenize(models.tokenizer, ([""] * b if use_cfg else []) + list(texts))
+    ids = tokenize(models.tokenizer, ([""] * b if use_cfg else []) + list(texts))
     with torch.no_grad():
         hidden = models.text_encoder(place.batch(ids), return_dict=False)[0]  # (2B or B, L, D)
         if not opts.bf16:

@@ -318,7 +318,8 @@ def test_trainer_source_for_latent_shards(encoded, tiny_pipeline):
     models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
     assert models.vae is None and models.text_encoder is None and models.latent_shape(64) == (4, 16, 16)
     rt = SimpleNamespace(process_index=0, process_count=1)
-    source = build_data_source(cfg(), models, rt)
+    manifest = read_manifest(encoded["dir"])
+    source = build_data_source(cfg(), models, rt, manifest)
     assert source.ndims == {"latent_mean": 4, "latent_std": 4, "encoder_hidden_states": 3, "noise": 4,
                             "timesteps": 1, "latent_eps": 4}
     batch = next(iter(source))
@@ -328,10 +329,10 @@ def test_trainer_source_for_latent_shards(encoded, tiny_pipeline):
         "timesteps": ((8,), torch.int64), "latent_eps": ((8, 4, 16, 16), torch.float32)}
     empty = empty_prompt(source, models)["encoder_hidden_states"]
     assert empty.shape == (16, 32) and empty.dtype == torch.float32
-    bf16 = build_data_source(cfg("--mixed_precision", "bf16"), models, rt)
+    bf16 = build_data_source(cfg("--mixed_precision", "bf16"), models, rt, manifest)
     assert next(iter(bf16))["encoder_hidden_states"].dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="--random_flip cannot apply to pre-encoded latents"):
-        build_data_source(cfg("--random_flip"), models, rt)
+        build_data_source(cfg("--random_flip"), models, rt, manifest)
 
 
 def _to_mesh(batch: dict[str, torch.Tensor], rt) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ def test_input_batches_are_sharded_four_ways(rt, tiny_pipeline, shapes_dir):
         "--resolution", "64", "--train_batch_size", "8", "--center_crop",
     ])
     models = load_models(cfg.pretrained_model_name_or_path)
-    source = build_data_source(cfg, models, rt)
+    source = build_data_source(cfg, models, rt, manifest=None)  # an image folder, not latent shards
     host_batch = next(iter(source))
     device_batch = next(iter(device_loader(source, cfg, rt)))
     assert set(device_batch) == {"pixel_values", "input_ids", "noise", "timesteps", "latent_eps"}

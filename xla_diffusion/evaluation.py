@@ -191,7 +191,8 @@ class InLoopEvaluator:
         if vae is None or text_encoder is None:
             # Training on latent shards loads neither encoder; sampling needs the decoder and the text encoder.
             extra = load_models(self.cfg.pretrained_model_name_or_path, self.cfg.revision, self.cfg.variant,
-                                self.cfg.cache_dir, load_unet=False)
+                                self.cfg.cache_dir, load_unet=False, load_vae=vae is None,
+                                load_text_encoder=text_encoder is None)
             dtype = frozen_dtype(self.cfg.mixed_precision)
             vae = vae if vae is not None else extra.vae.to(dtype=dtype).to(self.rt.device)
             text_encoder = text_encoder if text_encoder is not None else extra.text_encoder.to(dtype=dtype).to(

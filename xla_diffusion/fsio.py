@@ -121,8 +121,3 @@ def write_bytes_atomic(dest: str, data: bytes) -> None:
 def write_json_atomic(dest: str, obj: Any) -> None:
     write_bytes_atomic(dest, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
-
-def remove(path: str) -> None:
-    fs, p = url_to_fs(path)
-    if fs.exists(p):
-        fs.rm(p)

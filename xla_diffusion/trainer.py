@@ -79,16 +79,16 @@ def check_batch_divisible(per_host_batch: int, rt: runtime.Runtime) -> int:
     return global_batch
 
 
-def build_data_source(cfg: TrainConfig, models: Any, rt: runtime.Runtime) -> Any:
+def build_data_source(cfg: TrainConfig, models: Any, rt: runtime.Runtime, manifest: Any) -> Any:
     """Endless host batches with their per-step randomness: pre-encoded latent shards when
     --train_data_dir holds a latent dataset (a manifest.json at its root, local or gs://), else raw
-    image–caption data encoded in the step."""
+    image–caption data encoded in the step. `manifest` is `data.latents.read_manifest` of the training
+    data (None: not a latent dataset), read by the caller, which also needs it to choose the models."""
     from .data.images import ImageCaptionBatches, load_image_caption_dataset
-    from .data.latents import build_latent_source, read_manifest
+    from .data.latents import build_latent_source
     from .data.randomness import WithDiffusionRandomness
     from .models import frozen_dtype
 
-    manifest = read_manifest(cfg.train_data_dir) if cfg.dataset_name is None else None
     if manifest is not None:
         return build_latent_source(cfg, models, rt, manifest)
     dataset = load_image_caption_dataset(
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         load_vae=latents is None, load_text_encoder=latents is None or not latents.has_text_states,
     )
     prediction_type = cfg.prediction_type or models.noise_scheduler.config.prediction_type
-    source = build_data_source(cfg, models, rt)
+    source = build_data_source(cfg, models, rt, latents)
     if cfg.proportion_empty_prompts > 0:
         source = CaptionDropout(source, cfg.proportion_empty_prompts, empty_prompt(source, models), cfg.seed,
                                 rt.process_index)
