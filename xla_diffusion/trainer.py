@@ -135,7 +135,7 @@ def device_loader(source: Any, cfg: TrainConfig, rt: runtime.Runtime) -> Any:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the whole training job; returns the summary process 0 writes beside the export."""
-    from .checkpoint import export_pipeline
+    from .export import export_pipeline
     from .data.latents import read_manifest as read_latent_manifest
     from .models import frozen_dtype, load_models
     from .tracking import JsonlTracker, NullTracker
