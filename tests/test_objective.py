@@ -64,5 +64,5 @@ def test_unweighted_loss_is_plain_mse(scheduler, sample):
 
 def test_unknown_prediction_type_raises(scheduler, sample):
     x0, noise, t = sample
-    with pytest.raises(ValueError, match="sample"):
-        objective.target("sample", x0, noise, t, scheduler.alphas_cumprod)
+    with pytest.raises(ValueError, match="x0"):
+        objective.target("x0", x0, noise, t, scheduler.alphas_cumprod)  # diffusers calls it "sample"

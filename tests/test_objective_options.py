@@ -1,0 +1,182 @@
+"""The objective options users ask for, each against its formula and, where diffusers has it, against
+diffusers' schedulers: prediction_type "sample" (x0), noise offset, input perturbation, P2 weighting."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from xla_diffusion import objective
+
+PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
+
+
+def _scheduler(prediction_type: str = "epsilon", **kw) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type=prediction_type, clip_sample=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> DDPMScheduler:
+    return _scheduler()
+
+
+@pytest.fixture(scope="module")
+def sample():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 8, 8, generator=g)
+    noise = torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    return x0, noise, t
+
+
+# ------------------------------------------------------------------------------------ prediction "sample"
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_a_perfect_prediction_of_the_target_is_x0_to_diffusers(sample, prediction_type):
+    """diffusers' DDPMScheduler configured with `prediction_type` reads our target back as x0."""
+    x0, noise, t = sample
+    sched = _scheduler(prediction_type)
+    x_t = objective.add_noise(x0, noise, t, sched.alphas_cumprod)
+    tgt = objective.target(prediction_type, x0, noise, t, sched.alphas_cumprod)
+    for i, ti in enumerate(t.tolist()):
+        out = sched.step(tgt[i : i + 1], ti, x_t[i : i + 1]).pred_original_sample
+        torch.testing.assert_close(out, x0[i : i + 1], rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_predicted_x0_matches_diffusers(sample, prediction_type):
+    x0, noise, t = sample
+    sched = _scheduler(prediction_type)
+    x_t = objective.add_noise(x0, noise, t, sched.alphas_cumprod)
+    pred = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    ours = objective.predicted_x0(pred, x_t, t, sched.alphas_cumprod, prediction_type)
+    for i, ti in enumerate(t.tolist()):
+        theirs = sched.step(pred[i : i + 1], ti, x_t[i : i + 1]).pred_original_sample
+        torch.testing.assert_close(ours[i : i + 1], theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_loss_is_mse_to_x0(scheduler, sample):
+    x0, noise, t = sample
+    pred = torch.randn_like(x0)
+    ours = objective.diffusion_loss(pred, x0, noise, t, scheduler.alphas_cumprod, "sample")
+    torch.testing.assert_close(ours, torch.nn.functional.mse_loss(pred, x0))
+
+
+def test_min_snr_for_sample_is_the_x0_weight(scheduler, sample):
+    """diffusers' recipe divides min(SNR, gamma) by SNR (epsilon) or SNR + 1 (v) only: an x0 target keeps
+    min(SNR, gamma)."""
+    _, _, t = sample
+    expected = torch.clamp(compute_snr(scheduler, t), max=5.0)
+    torch.testing.assert_close(objective.min_snr_weights(t, scheduler.alphas_cumprod, 5.0, "sample"), expected)
+
+
+def _predictions_from_x0_estimate(x0_hat, x_t, t, alphas_cumprod):
+    """The epsilon, v and x0 predictions that all mean the same x0 estimate at x_t (float64)."""
+    a = alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+    eps_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+    return {"epsilon": eps_hat, "v_prediction": a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat, "sample": x0_hat}
+
+
+@pytest.mark.parametrize("weighting", [{"snr_gamma": 5.0}, {"p2_gamma": 1.0, "p2_k": 1.0},
+                                       {"p2_gamma": 0.5, "p2_k": 1.0}])
+def test_weighted_loss_is_the_same_objective_for_every_target(weighting):
+    """Min-SNR and P2 are defined on one parameterisation; carried over, the weighted loss of an x0 estimate
+    is the same whichever target the model predicts."""
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(5, 4, 8, 8, generator=g).double(), torch.randn(5, 4, 8, 8, generator=g).double()
+    x0_hat = x0 + 0.3 * torch.randn(5, 4, 8, 8, generator=g).double()
+    t = torch.tensor([20, 200, 450, 700, 900])
+    ac = _scheduler().alphas_cumprod.double()
+    x_t = objective.add_noise(x0, noise, t, ac).double()
+    preds = _predictions_from_x0_estimate(x0_hat, x_t, t, ac)
+    losses = {pt: objective.diffusion_loss(preds[pt], x0, noise, t, ac, pt, **weighting) for pt in PREDICTION_TYPES}
+    torch.testing.assert_close(losses["v_prediction"], losses["epsilon"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["sample"], losses["epsilon"], rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ P2
+
+
+@pytest.mark.parametrize("gamma,k", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.1), (0.0, 1.0)])
+def test_p2_weights_are_the_formula(scheduler, sample, gamma, k):
+    """Epsilon target: weight = 1 / (k + SNR)^gamma (Choi et al. 2022)."""
+    _, _, t = sample
+    expected = 1.0 / (k + compute_snr(scheduler, t)) ** gamma
+    torch.testing.assert_close(objective.p2_weights(t, scheduler.alphas_cumprod, gamma, k, "epsilon"), expected,
+                               rtol=1e-5, atol=0)
+
+
+def test_p2_loss_is_the_weighted_mean(scheduler, sample):
+    x0, noise, t = sample
+    pred = torch.randn_like(x0)
+    w = 1.0 / (1.0 + compute_snr(scheduler, t)) ** 0.5
+    expected = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w).mean()
+    ours = objective.diffusion_loss(pred, x0, noise, t, scheduler.alphas_cumprod, "epsilon", p2_gamma=0.5, p2_k=1.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
+
+
+def test_p2_gamma_zero_is_the_plain_loss(scheduler, sample):
+    x0, noise, t = sample
+    pred = torch.randn_like(x0)
+    ours = objective.diffusion_loss(pred, x0, noise, t, scheduler.alphas_cumprod, "epsilon", p2_gamma=0.0)
+    torch.testing.assert_close(ours, torch.nn.functional.mse_loss(pred, noise))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_p2_is_finite_under_zero_terminal_snr(prediction_type):
+    sched = _scheduler(rescale_betas_zero_snr=True)
+    assert float(sched.alphas_cumprod[-1]) == 0.0
+    w = objective.p2_weights(torch.arange(1000), sched.alphas_cumprod, 1.0, 1.0, prediction_type)
+    assert torch.isfinite(w).all()
+
+
+def test_min_snr_and_p2_together_are_refused(scheduler, sample):
+    x0, noise, t = sample
+    with pytest.raises(ValueError, match="choose one"):
+        objective.diffusion_loss(x0, x0, noise, t, scheduler.alphas_cumprod, "epsilon", snr_gamma=5.0, p2_gamma=1.0)
+
+
+# ------------------------------------------------------------------------- noise offset, input perturbation
+
+
+def test_noise_offset_is_diffusers_formula(sample):
+    """diffusers: noise += noise_offset * randn((B, C, 1, 1)): one constant per sample and channel."""
+    _, noise, _ = sample
+    draw = torch.randn(6, 4, 1, 1, generator=torch.Generator().manual_seed(3))
+    out = objective.offset_noise(noise, draw, 0.1)
+    torch.testing.assert_close(out, noise + 0.1 * draw.expand_as(noise))
+    diff = out - noise
+    torch.testing.assert_close(diff, diff[:, :, :1, :1].expand_as(diff), rtol=0, atol=1e-6)  # constant over H, W
+
+
+def test_input_perturbation_is_diffusers_formula(scheduler, sample):
+    """diffusers: new_noise = noise + p * randn_like(noise); x_t from new_noise; the target from noise."""
+    x0, noise, t = sample
+    g = torch.Generator().manual_seed(4)
+    offset_draw, perturbation_draw = torch.randn(6, 4, 1, 1, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    tgt_noise, in_noise = objective.training_noise(noise, offset_draw, 0.05, perturbation_draw, 0.1)
+    offset = noise + 0.05 * offset_draw
+    torch.testing.assert_close(tgt_noise, offset)
+    torch.testing.assert_close(in_noise, offset + 0.1 * perturbation_draw)
+    torch.testing.assert_close(objective.perturbed_noise(offset, perturbation_draw, 0.1), in_noise)
+    torch.testing.assert_close(objective.add_noise(x0, in_noise, t, scheduler.alphas_cumprod),
+                               scheduler.add_noise(x0, offset + 0.1 * perturbation_draw, t), rtol=1e-5, atol=1e-6)
+    pred = torch.randn_like(x0)
+    loss = objective.diffusion_loss(pred, x0, tgt_noise, t, scheduler.alphas_cumprod, "epsilon")
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, offset))
+
+
+def test_zero_options_add_nothing(sample):
+    _, noise, _ = sample
+    tgt, inp = objective.training_noise(noise)
+    assert tgt is noise and inp is noise
+
+
+def test_options_without_draws_are_refused(sample):
+    _, noise, _ = sample
+    with pytest.raises(ValueError, match="draws"):
+        objective.training_noise(noise, noise_offset=0.1)
+    with pytest.raises(ValueError, match="draws"):
+        objective.training_noise(noise, input_perturbation=0.1)
