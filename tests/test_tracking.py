@@ -67,7 +67,11 @@ def _write_run(out: str, report_to: str) -> None:
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    _write_run(out, "all")
+    # The command line as a user may type it: wandb records sys.argv in the run's metadata.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["train_text_to_image_xla.py", "--hub_token", TOKEN, f"--hub_token={TOKEN}",
+                                 "--push_to_hub"])
+        _write_run(out, "all")
     return out
 
 
@@ -229,3 +233,15 @@ def test_bad_image_is_refused(tmp_path):
     with pytest.raises(TypeError, match="uint8"):
         tracking.as_uint8_hwc(np.zeros((4, 4, 3), np.float32))
     t.close()
+
+
+def test_redact_argv():
+    argv = ["x.py", "--hub_token", "abc", "--lr", "1", "--hub_token=def", "--tokenizer_name", "t", "--output_dir",
+            "o", "--wandb-api-key", "k"]
+    assert tracking.redact_argv(argv) == ["x.py", "--hub_token", "***", "--lr", "1", "--hub_token=***",
+                                          "--tokenizer_name", "t", "--output_dir", "o", "--wandb-api-key", "***"]
+
+
+def test_public_config_drops_secrets_only():
+    cfg = {"hub_token": "x", "token": "y", "tokenizer_name": "t", "max_tokens": 3, "hub_model_id": "a/b"}
+    assert tracking.public_config(cfg) == {"tokenizer_name": "t", "max_tokens": 3, "hub_model_id": "a/b"}

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -27,8 +29,9 @@ DEFAULT_REPORT_TO = "tensorboard"  # diffusers' train_text_to_image.py default
 DEFAULT_PROJECT = "text2image-fine-tune"  # diffusers' --tracker_project_name default
 DEFAULT_LOGGING_DIR = "logs"  # diffusers' --logging_dir default, relative to --output_dir
 
-# Config keys whose values must never be shown anywhere (tracker config, model card, logs).
-_SECRET_MARKERS = ("token", "secret", "password", "api_key", "apikey")
+# Config keys whose values must never be shown anywhere (tracker config, model card, logs): one of these
+# words between underscores or at an end, so `hub_token` is secret and `tokenizer_name` is not.
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|apikey)($|_)")
 
 ImageLike = Any  # a uint8 numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), or a PIL image
 
@@ -49,13 +52,32 @@ class Tracker(Protocol):
 
 def is_secret_key(key: str) -> bool:
     """True for config keys like `hub_token` whose values must not leave the process."""
-    k = key.lower()
-    return any(m in k for m in _SECRET_MARKERS)
+    return _SECRET_KEY.search(key.lower().replace("-", "_")) is not None
 
 
 def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """`config` without its secret-bearing keys (e.g. `hub_token`): what trackers and the model card show."""
     return {k: v for k, v in config.items() if not is_secret_key(k)}
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with the values of secret flags (`--hub_token X`, `--hub_token=X`) replaced by "***"."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name.startswith("--") and is_secret_key(name[2:]):
+            if eq:
+                out.append(f"{name}=***")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(arg)
+    return out
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -170,12 +192,18 @@ class WandbTracker:
 
         if run_dir is not None:
             os.makedirs(run_dir, exist_ok=True)
+        # wandb records sys.argv in the run's metadata (and uploads it): a --hub_token given on the command
+        # line would go with it, so the secret values are masked while the run starts.
+        argv = sys.argv
+        sys.argv = redact_argv(argv)
         try:
             self.run = wandb.init(project=project, dir=run_dir, config=dict(config))
         except wandb.errors.Error as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TrackerError(f"--report_to wandb: {first} (run `wandb login`, set WANDB_API_KEY, or set "
                                "WANDB_MODE=offline)") from None
+        finally:
+            sys.argv = argv
         self._wandb = wandb
 
     def log(self, metrics: dict[str, Any]) -> None:
