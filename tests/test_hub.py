@@ -273,3 +273,20 @@ def test_offline_mode_is_one_line(tmp_path, hub):
 def test_not_a_local_folder(tmp_path):
     with pytest.raises(HubError, match="not a local folder"):
         push_to_hub(str(tmp_path / "missing"), REPO, TOKEN, is_main_process=True)
+
+
+def test_model_card_on_gcs(tmp_path, gcs_emulator):
+    """A gs:// output folder gets the card and its grid too; a gs:// base's README gives the license."""
+    from tests.gcs_emulator import make_bucket
+    from xla_diffusion import fsio
+
+    bucket = make_bucket("cards")
+    fsio.write_bytes_atomic(f"{bucket}/base/README.md", b"---\nlicense: creativeml-openrail-m\n---\n# base\n")
+    _, grid = _export(tmp_path)
+    path = _card(f"{bucket}/run", grid, base_model=f"{bucket}/base")
+    assert path == f"{bucket}/run/README.md"
+    text = fsio.read_bytes(path).decode()
+    assert text.startswith("---\nlicense: creativeml-openrail-m\n") and "base_model" not in text
+    with open(grid, "rb") as f:
+        assert fsio.read_bytes(f"{bucket}/run/validation_grid.png") == f.read()
+    _assert_no_token(text)
