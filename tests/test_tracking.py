@@ -245,3 +245,21 @@ def test_redact_argv():
 def test_public_config_drops_secrets_only():
     cfg = {"hub_token": "x", "token": "y", "tokenizer_name": "t", "max_tokens": 3, "hub_model_id": "a/b"}
     assert tracking.public_config(cfg) == {"tokenizer_name": "t", "max_tokens": 3, "hub_model_id": "a/b"}
+
+
+def test_tensorboard_on_gcs(gcs_emulator):
+    """A gs:// output_dir: TensorBoard writes there through fsspec; the JSONL file (local only) is skipped."""
+    from tests.gcs_emulator import make_bucket
+
+    out = make_bucket("tb-runs") + "/run"
+    t = make_trackers("tensorboard", "proj", "logs", out, CONFIG, is_main_process=True)
+    for r in RECORDS:
+        t.log(dict(r))
+    t.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(f"{out}/logs/proj")  # tbparse reads local paths only
+    ea.Reload()
+    losses = ea.Scalars("loss")
+    assert [e.step for e in losses] == [5, 10, 15]
+    assert [e.value for e in losses] == [np.float32(r["loss"]) for r in RECORDS if "loss" in r]

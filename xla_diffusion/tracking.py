@@ -9,7 +9,7 @@ and/or wandb. Their files live under `<output_dir>/<logging_dir>/`:
 
 - `metrics.jsonl`: one JSON object per `log` call;
 - `<project>/events.out.tfevents.*`: TensorBoard scalars, images and the HParams plugin's hyper-parameters
-  (the run directory is named after the project, as accelerate's TensorBoard tracker does);
+  (the run directory is named after the project, as accelerate's TensorBoard tracker does; gs:// works);
 - `wandb/offline-run-*` or `wandb/run-*`: wandb's run files (online or offline per `WANDB_MODE`).
 """
 
@@ -146,14 +146,23 @@ def _hparam_value(v: Any) -> int | float | str | bool:
 
 class TensorBoardTracker:
     """torch.utils.tensorboard's SummaryWriter in `logdir`: scalars under their metric names, images under
-    `name` (one image) or `name/i`, the config as HParams-plugin hyper-parameters and as a JSON text."""
+    `name` (one image) or `name/i`, the config as HParams-plugin hyper-parameters and as a JSON text.
 
-    def __init__(self, logdir: str, config: Mapping[str, Any]):
+    A remote `logdir` (gs://...) is written locally and copied up whole, at most every `upload_every_s` and
+    at close: object stores cannot append, and TensorBoard's own fsspec path rewrites the event file with only
+    the records since its last flush (seen with gcsfs: the earlier records were lost)."""
+
+    def __init__(self, logdir: str, config: Mapping[str, Any], upload_every_s: float = 60.0):
+        import tempfile
+
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=logdir)
         self.logdir = logdir
+        self._remote = "://" in logdir
+        self._local = tempfile.mkdtemp(prefix="xla_diffusion-tb-") if self._remote else logdir
+        self._upload_every_s, self._uploaded_at = upload_every_s, 0.0
+        self.writer = SummaryWriter(log_dir=self._local)
         # The plugin's experiment and session-start records go in now; the session-end record at close.
         # (SummaryWriter.add_hparams would write all three to a new sub-run, apart from the scalars.)
         exp, ssi, self._session_end = hparams({k: _hparam_value(v) for k, v in config.items()}, {})
@@ -162,13 +171,25 @@ class TensorBoardTracker:
         self.writer.add_text("config", "```\n" + json.dumps(dict(config), indent=1, sort_keys=True, default=str)
                              + "\n```", global_step=0)
         self._step = 0
-        self.writer.flush()
+        self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        import time
+
+        self.writer.flush()  # every --logging_steps: a crashed run keeps its curve
+        if self._remote and (force or time.monotonic() - self._uploaded_at >= self._upload_every_s):
+            from . import fsio
+
+            fs, root = fsio.url_to_fs(self.logdir)
+            for name in os.listdir(self._local):
+                fs.put_file(os.path.join(self._local, name), f"{root.rstrip('/')}/{name}")
+            self._uploaded_at = time.monotonic()
 
     def log(self, metrics: dict[str, Any]) -> None:
         self._step = int(metrics.get("step", self._step))
         for name, value in _scalars(metrics).items():
             self.writer.add_scalar(name, value, global_step=self._step)
-        self.writer.flush()  # every --logging_steps: a crashed run keeps its curve
+        self._flush()
 
     def log_images(self, step: int, images: Mapping[str, Sequence[ImageLike]],
                    captions: Mapping[str, Sequence[str]] | None = None) -> None:
@@ -176,11 +197,16 @@ class TensorBoardTracker:
             for i, img in enumerate(imgs):
                 tag = name if len(imgs) == 1 else f"{name}/{i}"
                 self.writer.add_image(tag, as_uint8_hwc(img), global_step=step, dataformats="HWC")
-        self.writer.flush()
+        self._flush()
 
     def close(self) -> None:
         self.writer.file_writer.add_summary(self._session_end)
         self.writer.close()
+        if self._remote:
+            import shutil
+
+            self._flush(force=True)
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 class WandbTracker:
