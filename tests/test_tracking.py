@@ -263,3 +263,22 @@ def test_tensorboard_on_gcs(gcs_emulator):
     losses = ea.Scalars("loss")
     assert [e.step for e in losses] == [5, 10, 15]
     assert [e.value for e in losses] == [np.float32(r["loss"]) for r in RECORDS if "loss" in r]
+
+
+def test_wandb_without_login_is_one_line(tmp_path):
+    """Online mode with no API key anywhere: one TrackerError line (in a fresh process: wandb keeps its
+    settings per process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"),
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    code = ("from xla_diffusion.tracking import make_trackers, TrackerError\n"
+            "try:\n"
+            f"    make_trackers('wandb', 'proj', 'logs', {str(tmp_path / 'out')!r}, {{'a': 1}}, True)\n"
+            "except TrackerError as e:\n"
+            "    print('error:', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=root,
+                       stdin=subprocess.DEVNULL)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("error:")]
+    assert lines == ["error: --report_to wandb: No API key configured. Use `wandb login` to log in. (or set "
+                     "WANDB_API_KEY, or WANDB_MODE=offline to log locally)"], (r.stdout, r.stderr)

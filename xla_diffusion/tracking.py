@@ -226,8 +226,8 @@ class WandbTracker:
             self.run = wandb.init(project=project, dir=run_dir, config=dict(config))
         except wandb.errors.Error as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise TrackerError(f"--report_to wandb: {first} (run `wandb login`, set WANDB_API_KEY, or set "
-                               "WANDB_MODE=offline)") from None
+            raise TrackerError(f"--report_to wandb: {first} (or set WANDB_API_KEY, or WANDB_MODE=offline to log "
+                               "locally)") from None
         finally:
             sys.argv = argv
         self._wandb = wandb
