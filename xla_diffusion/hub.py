@@ -133,8 +133,9 @@ def model_card_text(
         if validation_prompts:
             lines += ["Prompts: " + "; ".join(f"*{_cell(p)}*" for p in validation_prompts), ""]
     lines += ["## Use", "", "```python", "from diffusers import DiffusionPipeline", "",
-              f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "PATH_TO_THIS_FOLDER"}")',
-              f'image = pipe("{validation_prompts[0] if validation_prompts else "a photo of a cat"}").images[0]',
+              f"pipe = DiffusionPipeline.from_pretrained({json.dumps(repo_id or 'PATH_TO_THIS_FOLDER')})",
+              f"image = pipe({json.dumps(validation_prompts[0] if validation_prompts else 'a photo of a cat')})"
+              ".images[0]",
               "```", ""]
     mesh_text = " × ".join(f"{axis} {size}" for axis, size in mesh.items()) or "-"
     lines += ["## Training", "", "| | |", "| --- | --- |", f"| steps | {steps} |",
@@ -256,7 +257,7 @@ def push_to_hub(
         raise HubError(f"push to the hub: {folder} is not a local folder")
     from huggingface_hub import HfApi, constants
 
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=endpoint, token=token or None)
     if constants.HF_HUB_OFFLINE:
         raise HubError(f"push to {api.endpoint}/{repo_id}: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests")
     try:
