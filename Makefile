@@ -15,11 +15,11 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m xla_diffusion.demo
+	$(BIN)/python demo.py
 
 # The longer recipe of the demo (see README: accuracy against training minutes).
 demo-quality: $(STAMP)
-	$(BIN)/python -m xla_diffusion.demo --preset quality
+	$(BIN)/python demo.py --preset quality
 
 # pytest exits 5 when it collected no test: that must fail, not pass silently.
 test: $(STAMP)

@@ -308,12 +308,14 @@ def test_trainer_source_for_latent_shards(encoded, tiny_pipeline):
     """build_data_source on a latent dataset: the batch keys the step needs, text states in the frozen dtype,
     the empty prompt for caption dropout, and no encoder loaded."""
     from xla_diffusion.config import parse_args
-    from xla_diffusion.models import load_models
-    from xla_diffusion.trainer import build_data_source, empty_prompt
+    from xla_diffusion.data.config import DataConfig
+    from xla_diffusion.data.source import build_data_source, empty_prompt
+    from xla_diffusion.models import frozen_dtype, load_models
 
     def cfg(*extra: str):
-        return parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", encoded["dir"],
-                           "--resolution", "64", "--train_batch_size", "8", *extra])
+        c = parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", encoded["dir"],
+                        "--resolution", "64", "--train_batch_size", "8", *extra])
+        return DataConfig.from_train_config(c, frozen_dtype(c.mixed_precision))
 
     models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
     assert models.vae is None and models.text_encoder is None and models.latent_shape(64) == (4, 16, 16)
@@ -336,12 +338,9 @@ def test_trainer_source_for_latent_shards(encoded, tiny_pipeline):
 
 
 def _to_mesh(batch: dict[str, torch.Tensor], rt) -> dict[str, torch.Tensor]:
-    import torch_xla.core.xla_model as xm
-
     from xla_diffusion import runtime
 
-    return {k: xm.send_cpu_data_to_device([v], rt.device, runtime.batch_sharding_spec(rt.mesh, v.ndim))[0]
-            for k, v in batch.items()}
+    return runtime.to_mesh(batch, rt.mesh)
 
 
 @pytest.mark.filterwarnings("ignore:XLA_USE_SPMD is being deprecated")  # the runtime was set up by `encoded`

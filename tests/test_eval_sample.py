@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from eval.common import run_cli
-from eval.sample import (
+from eval.sample import main
+from xla_diffusion.cli import run_cli
+from xla_diffusion.config import SAMPLERS
+from xla_diffusion.data.randomness import sample_generator
+from xla_diffusion.sampling import (
     SCHEDULERS,
     SampleOptions,
     SamplerModels,
     generate,
     guided,
     load_sampler_models,
-    main,
     make_scheduler,
-    sample_generator,
 )
-from xla_diffusion.config import SAMPLERS
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
