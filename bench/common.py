@@ -3,6 +3,7 @@ one trainer run read back from its train_summary.json, and the command line prin
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -52,6 +53,18 @@ def prepare(work: str, num_images: int, devices: int) -> tuple[str, str, str]:
     subprocess.run(cmd, env=cpu_env(devices), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     return pipeline, os.path.join(work, "data", "train"), os.path.join(work, "data", "latents")
+
+
+def trainer_parser(doc: str, devices: int, num_images: int | None = None) -> argparse.ArgumentParser:
+    """The flags of the benchmarks that time trainer runs (steps, warm-up, batch, device count)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=16, help="global batch (one host)")
+    p.add_argument("--devices", type=int, nargs="+", default=[devices])
+    if num_images is not None:
+        p.add_argument("--num_images", type=int, default=num_images)
+    return p
 
 
 def command_line() -> str:

@@ -9,24 +9,18 @@ warm-up (train_summary.json). Prints a markdown table and the command that made 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import command_line, prepare, train_summary  # noqa: E402
+from bench.common import command_line, prepare, train_summary, trainer_parser  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16, help="global batch (one host)")
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--num_images", type=int, default=512)
-    args = p.parse_args()
+    args = trainer_parser(__doc__, devices=4, num_images=512).parse_args()
+    args.devices = args.devices[0]
 
     work = tempfile.mkdtemp(prefix="bench_latent_step_")
     pipeline, images, latents = prepare(work, args.num_images, args.devices)

@@ -9,22 +9,18 @@ between two device syncs by the trainer itself (train_summary.json).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import command_line, tiny_pipeline, train_summary  # noqa: E402
+from bench.common import command_line, tiny_pipeline, train_summary, trainer_parser  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16, help="global batch (one host)")
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 4])
+    p = trainer_parser(__doc__, devices=4)
+    p.set_defaults(devices=[1, 4])
     args = p.parse_args()
 
     from data_prep.synthetic import write_shapes_dataset

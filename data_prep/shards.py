@@ -28,8 +28,7 @@ def imagefolder_to_shards(
     if not os.path.isfile(meta):
         raise ConfigError(f"--train_dir {train_dir}: no metadata.jsonl (an imagefolder has one row per image with "
                           "file_name and a caption)")
-    with open(meta, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = fsio.read_jsonl(meta)
     fsio.makedirs(output_dir)
     paths = []
     for shard, start in enumerate(range(0, len(rows), samples_per_shard)):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
+from xla_diffusion import fsio
 from xla_diffusion.errors import EvalError
 
 
@@ -30,8 +30,7 @@ def load_samples(path: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
         images = data["images"]
         records_path = os.path.join(os.path.dirname(path), "prompts.jsonl")
         if os.path.exists(records_path):
-            with open(records_path, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
+            records = fsio.read_jsonl(records_path)
         else:
             records = [{"text": str(t)} for t in data["prompts"]] if "prompts" in data else [{}] * len(images)
         return images, records
@@ -39,8 +38,7 @@ def load_samples(path: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     if not os.path.isfile(meta):
         raise EvalError(f"{path}: neither a samples.npz (or a folder holding one) nor an image folder with "
                         "metadata.jsonl")
-    with open(meta, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = fsio.read_jsonl(meta)
     arrays = [np.asarray(Image.open(os.path.join(path, r["file_name"])).convert("RGB")) for r in records]
     if len({a.shape for a in arrays}) > 1:
         raise EvalError(f"{path}: images have different sizes; resize them first")

@@ -98,6 +98,7 @@ def test_samples_do_not_depend_on_batching(cpu_models):
     assert np.abs(other.astype(int) - four.astype(int)).max() > 5
 
 
+@pytest.mark.slow
 def test_mesh_sampling_matches_cpu_and_compiles_once(tiny_pipeline, cpu_models):
     """On the 4-device mesh: 3 prompts padded to a batch of 4 sharded over the devices, padding dropped, the
     same images as eager CPU; a second call compiles nothing."""

@@ -96,6 +96,11 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))
 
 
+def read_jsonl(path: str) -> list[Any]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in read_bytes(path).decode("utf-8").splitlines() if line.strip()]
+
+
 def list_files(root: str, suffix: str) -> list[str]:
     """Sorted full paths (with the URL scheme for remote roots) of the files directly in `root` whose names
     end in `suffix` and do not start with '.' (temporary files of unfinished writes start with '.')."""
