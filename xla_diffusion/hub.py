@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import fsio
+from .errors import UserError
 from .tracking import public_config
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,11 @@ DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "*/checkpoints/*", "wandb/*", "*/wan
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class HubError(ValueError):
-    """A push or model card that cannot be done; the message is one line for the user, without the token."""
+class HubError(UserError, ValueError):
+    """A push or model card that cannot be done; the message is one line for the user, without the token. The
+    run's export is on disk by then: exit code 1 (the run could not finish its work), not 2 (bad input)."""
+
+    exit_code = 1
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -235,6 +239,49 @@ def _describe(e: BaseException, endpoint: str, repo_id: str) -> str:
     return f"push to {where} failed: {type(e).__name__}: {first}".rstrip(": ")
 
 
+class _HubSession:
+    """One client for one repo: every call goes through `run`, which turns any failure into one HubError line
+    with the token masked."""
+
+    def __init__(self, repo_id: str, token: str | None, endpoint: str | None):
+        from huggingface_hub import HfApi, constants
+
+        self.api, self.repo_id, self.token = HfApi(endpoint=endpoint, token=token or None), repo_id, token
+        if constants.HF_HUB_OFFLINE:
+            raise HubError(f"push to {self.api.endpoint}/{repo_id}: HF_HUB_OFFLINE is set, so huggingface_hub makes "
+                           "no requests")
+
+    def run(self, action: Any) -> Any:
+        try:
+            return action(self.api)
+        except Exception as e:  # noqa: BLE001 (every failure is the same one line; the export stays on disk)
+            message = _describe(e, self.api.endpoint, self.repo_id)
+            if self.token:
+                message = message.replace(self.token, "***")
+            raise HubError(message) from None
+
+    def create(self, private: bool, revision: str | None) -> str:
+        """Create the repo (and branch) if missing; returns the repo id the hub answered with."""
+        def create(api: Any) -> str:
+            repo_id = api.create_repo(self.repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return repo_id
+
+        self.repo_id = self.run(create)
+        return self.repo_id
+
+
+def create_repo(repo_id: str, token: str | None, private: bool = False, revision: str | None = None, *,
+                is_main_process: bool, endpoint: str | None = None) -> str | None:
+    """Create the model repo `repo_id` (and branch `revision`) if missing, before training, so a bad token or an
+    unreachable hub stops a run at its start rather than after it (diffusers' XLA example creates the repo
+    first too). Returns the repo id on process 0, None elsewhere; raises HubError (one line)."""
+    if not is_main_process:
+        return None
+    return _HubSession(repo_id, token, endpoint).create(private, revision)
+
+
 def push_to_hub(
     folder: str,
     repo_id: str,
@@ -255,21 +302,11 @@ def push_to_hub(
         return None
     if "://" in folder or not os.path.isdir(folder):
         raise HubError(f"push to the hub: {folder} is not a local folder")
-    from huggingface_hub import HfApi, constants
-
-    api = HfApi(endpoint=endpoint, token=token or None)
-    if constants.HF_HUB_OFFLINE:
-        raise HubError(f"push to {api.endpoint}/{repo_id}: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests")
-    try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, repo_type="model",
-                                 commit_message=commit_message, ignore_patterns=list(ignore_patterns))
-    except Exception as e:  # noqa: BLE001 (every failure is the same one line; the export stays on disk)
-        message = _describe(e, api.endpoint, repo_id)
-        if token:
-            message = message.replace(token, "***")
-        raise HubError(message) from None
+    hub = _HubSession(repo_id, token, endpoint)
+    repo_id = hub.create(private, revision)
+    info = hub.run(lambda api: api.upload_folder(
+        folder_path=folder, repo_id=repo_id, revision=revision, repo_type="model", commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns),
+    ))
     log.info("pushed %s to %s", folder, info.commit_url)
     return info.commit_url

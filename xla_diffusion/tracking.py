@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import UserError
+
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "all", "none")
 DEFAULT_REPORT_TO = "tensorboard"  # diffusers' train_text_to_image.py default
 DEFAULT_PROJECT = "text2image-fine-tune"  # diffusers' --tracker_project_name default
@@ -36,7 +38,7 @@ _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|apikey)($|_)")
 ImageLike = Any  # a uint8 numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), or a PIL image
 
 
-class TrackerError(ValueError):
+class TrackerError(UserError, ValueError):
     """A tracker cannot be set up (unknown --report_to, package missing, wandb not logged in); the message
     is one line for the user."""
 
