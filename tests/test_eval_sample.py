@@ -163,3 +163,49 @@ def test_cli_bad_input_is_one_error_line(tiny_pipeline, tmp_path, capsys, argv, 
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert not os.path.exists(tmp_path / "o" / "samples.npz")
 
+
+
+class _X0FromEpsilon(torch.nn.Module):
+    """The tiny UNet turned into an x0 predictor: the same model, its epsilon prediction rewritten as the clean
+    latents it implies (objective.predicted_x0), so sampling it as prediction_type "sample" must give the images
+    of sampling the UNet itself as "epsilon"."""
+
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.unet, self.config, self.alphas_cumprod = unet, unet.config, alphas_cumprod
+
+    def forward(self, x_t, t, hidden, return_dict=False):
+        from xla_diffusion.objective import predicted_x0
+
+        eps = self.unet(x_t, t, hidden, return_dict=False)[0]
+        assert torch.equal(t, t.round())  # integer timesteps: the tables below are indexed by them
+        return (predicted_x0(eps, x_t, t.long(), self.alphas_cumprod, "epsilon"),)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpm-solver++", "unipc", "euler"])
+def test_sample_prediction_is_sampled_as_x0(cpu_models, scheduler):
+    """prediction_type "sample" (--prediction_type sample): every sampler of the table reads the model's output
+    as x0, through the scheduler config the trainer and the export set."""
+    import dataclasses
+
+    from diffusers import DDPMScheduler
+
+    opts = SampleOptions(guidance_scale=3.0, num_inference_steps=4, scheduler=scheduler, seed=2)
+    as_epsilon = generate(dataclasses.replace(
+        cpu_models, scheduler_config={**cpu_models.scheduler_config, "prediction_type": "epsilon"}), PROMPTS, opts)
+    alphas = DDPMScheduler.from_config(cpu_models.scheduler_config).alphas_cumprod.float()
+    x0_models = dataclasses.replace(cpu_models, unet=_X0FromEpsilon(cpu_models.unet, alphas),
+                                    scheduler_config={**cpu_models.scheduler_config, "prediction_type": "sample"})
+    as_sample = generate(x0_models, PROMPTS, opts)
+    assert np.abs(as_sample.astype(int) - as_epsilon.astype(int)).max() <= 1
+
+
+def test_euler_ancestral_refuses_sample_prediction_in_one_line():
+    """diffusers' EulerAncestralDiscreteScheduler raises NotImplementedError mid-sampling for "sample": refused
+    when the scheduler is made instead, naming the samplers that work."""
+    from xla_diffusion.errors import EvalError
+
+    message = (r"^the euler-ancestral sampler cannot sample a model trained with prediction_type sample; use one of "
+               r"ddpm, ddim, euler, dpm-solver\+\+, unipc$")
+    with pytest.raises(EvalError, match=message):
+        make_scheduler("euler-ancestral", {"prediction_type": "sample", "num_train_timesteps": 1000})

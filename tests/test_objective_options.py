@@ -180,3 +180,40 @@ def test_options_without_draws_are_refused(sample):
         objective.training_noise(noise, noise_offset=0.1)
     with pytest.raises(ValueError, match="draws"):
         objective.training_noise(noise, input_perturbation=0.1)
+
+
+# ------------------------------------------------------------------------------- in the training step
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_step_loss_with_every_option_is_the_hand_computed_one(tiny_pipeline, prediction_type):
+    """train_step.compute_loss with offset noise, input perturbation and P2 from the batch's host draws equals
+    the loss written out the way diffusers' training loop does it (its add_noise, the UNet, the target, the
+    weights 1 / (k + SNR)^gamma carried to the target)."""
+    from xla_diffusion.models import load_models
+    from xla_diffusion.train_step import StepConfig, compute_loss
+
+    models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
+    unet, sched = models.unet.eval(), models.noise_scheduler
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 4, 16, 16)
+    batch = {"latents": torch.randn(shape, generator=g), "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
+             "noise": torch.randn(shape, generator=g), "timesteps": torch.tensor([10, 700]),
+             "offset_draw": torch.randn(2, 4, 1, 1, generator=g), "perturbation_draw": torch.randn(shape, generator=g)}
+    cfg = StepConfig(prediction_type=prediction_type, snr_gamma=None, max_grad_norm=0.0, bf16=False,
+                     scaling_factor=1.0, noise_offset=0.1, input_perturbation=0.2, p2_gamma=1.0, p2_k=1.0)
+    alphas = sched.alphas_cumprod.float()
+    with torch.no_grad():
+        ours = compute_loss(unet, None, None, batch, alphas, cfg)
+        noise = batch["noise"] + 0.1 * batch["offset_draw"]
+        noisy = sched.add_noise(batch["latents"], noise + 0.2 * batch["perturbation_draw"], batch["timesteps"])
+        pred = unet(noisy, batch["timesteps"], batch["encoder_hidden_states"]).sample
+        target = noise if prediction_type == "epsilon" else batch["latents"]
+        snr = compute_snr(sched, batch["timesteps"])
+        weight = (1 + snr) ** -1.0 * (1 if prediction_type == "epsilon" else snr)
+        expected = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        # the validation loss measures the plain objective: no weights, plain noise (its batches have no draws)
+        undrawn = {k: v for k, v in batch.items() if "draw" not in k}
+        plain = compute_loss(unet, None, None, undrawn, alphas, cfg.plain())
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.isclose(ours, plain)

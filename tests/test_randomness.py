@@ -44,3 +44,32 @@ def test_caption_dropout_replaces_a_fraction_with_the_empty_prompt():
     assert 0.18 < dropped / (20 * 64) < 0.32
     again = _take(CaptionDropout(_Source(), 0.25, {"input_ids": empty}, seed=0), 20)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
+
+
+def test_objective_draws_only_when_asked_and_leave_the_rest_unchanged():
+    """--noise_offset / --input_perturbation add their standard normal draws to the batch, seeded like the rest
+    from a stream of their own: the noise and timesteps of a run do not change when an option is switched on."""
+    plain = _take(WithDiffusionRandomness(_Source(), (4, 2, 2), 1000, seed=3), 3)
+    both = WithDiffusionRandomness(_Source(), (4, 2, 2), 1000, seed=3,
+                                   extra_draws=("perturbation_draw", "offset_draw"))
+    assert both.ndims["offset_draw"] == both.ndims["perturbation_draw"] == 4
+    drawn = _take(both, 3)
+    for p, d in zip(plain, drawn):
+        assert set(d) - set(p) == {"offset_draw", "perturbation_draw"}
+        assert all(torch.equal(p[k], d[k]) for k in p)
+        assert d["offset_draw"].shape == (64, 4, 1, 1) and d["perturbation_draw"].shape == (64, 4, 2, 2)
+    again = _take(WithDiffusionRandomness(_Source(), (4, 2, 2), 1000, seed=3,
+                                          extra_draws=("offset_draw", "perturbation_draw")), 3)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(drawn, again) for k in a)
+    assert not torch.equal(drawn[0]["offset_draw"], drawn[1]["offset_draw"])
+    sample = torch.cat([d["perturbation_draw"].flatten() for d in drawn])
+    assert abs(float(sample.mean())) < 0.1 and abs(float(sample.std()) - 1) < 0.1
+
+
+def test_number_of_samples_passes_through_the_wrappers():
+    source = _Source()
+    source.num_samples = 640
+    wrapped = CaptionDropout(WithDiffusionRandomness(source, (4, 2, 2), 1000, seed=0), 0.1,
+                             {"input_ids": torch.zeros(5, dtype=torch.long)}, seed=0)
+    assert wrapped.num_samples == 640
+    assert WithDiffusionRandomness(_Source(), (4, 2, 2), 1000, seed=0).num_samples is None

@@ -40,12 +40,21 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# diffusers' samplers without a "sample" (x0) prediction branch: they raise NotImplementedError in step().
+NO_SAMPLE_PREDICTION = ("euler-ancestral",)
+
+
 def make_scheduler(name: str, config: Any) -> Any:
-    """A fresh diffusers scheduler `name` (see SCHEDULERS) built from a scheduler config."""
+    """A fresh diffusers scheduler `name` (see SCHEDULERS) built from a scheduler config. Raises EvalError for an
+    unknown name, and for a sampler that cannot read the config's prediction_type."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise EvalError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    if name in NO_SAMPLE_PREDICTION and dict(config).get("prediction_type") == "sample":
+        usable = ", ".join(n for n in SCHEDULERS if n not in NO_SAMPLE_PREDICTION)
+        raise EvalError(f"the {name} sampler cannot sample a model trained with prediction_type sample; use one of "
+                        f"{usable}")
     cls_name, extra = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(config, **extra)
 

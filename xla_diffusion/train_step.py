@@ -4,6 +4,7 @@ configuration and on which keys the batch carries, which are fixed for a run."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,20 +25,34 @@ class StepConfig:
     bf16: bool
     scaling_factor: float
     shift_factor: float | None = None
+    # The objective options (objective.training_noise, objective.p2_weights). A non-zero noise_offset /
+    # input_perturbation needs the batch's `offset_draw` / `perturbation_draw` (data.randomness.EXTRA_DRAWS).
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    p2_gamma: float | None = None
+    p2_k: float = 1.0
 
     @classmethod
     def for_models(cls, models: Any, prediction_type: str | None = None, snr_gamma: float | None = None,
-                   max_grad_norm: float = 0.0, bf16: bool = False, latents: Any = None) -> StepConfig:
+                   max_grad_norm: float = 0.0, bf16: bool = False, latents: Any = None, **options: Any
+                   ) -> StepConfig:
         """The step config of `models` (a models.Models): `prediction_type` None means the scheduler's own; the
         VAE scaling is the one of the latent shards (`latents`, a LatentManifest) when training on them,
-        since the step applies the scaling of the VAE that made them, else the pipeline VAE's."""
+        since the step applies the scaling of the VAE that made them, else the pipeline VAE's. `options` are the
+        objective options (noise_offset, input_perturbation, p2_gamma, p2_k)."""
         vae = latents if latents is not None else models.vae_config
         shift = latents.shift_factor if latents is not None else getattr(vae, "shift_factor", None)
         return cls(
             prediction_type=prediction_type or models.noise_scheduler.config.prediction_type,
             snr_gamma=snr_gamma, max_grad_norm=max_grad_norm, bf16=bf16,
             scaling_factor=float(vae.scaling_factor), shift_factor=None if shift is None else float(shift),
+            **options,
         )
+
+    def plain(self) -> StepConfig:
+        """The unweighted objective on plain noise: what the fixed-timestep validation loss measures, so runs
+        with different loss weightings or noise options compare (its batches carry no extra draws)."""
+        return dataclasses.replace(self, snr_gamma=None, p2_gamma=None, noise_offset=0.0, input_perturbation=0.0)
 
 
 @dataclass
@@ -96,14 +111,20 @@ def compute_loss(
     cfg: StepConfig,
 ) -> torch.Tensor:
     """Scalar diffusion loss for one batch; the UNet runs under bf16 autocast when cfg.bf16 while its
-    weights stay fp32."""
+    weights stay fp32. With cfg.noise_offset / cfg.input_perturbation the batch's `offset_draw` /
+    `perturbation_draw` shape the noise (objective.training_noise)."""
     latents = encode_latents(vae, batch, cfg)
     hidden = encode_text(text_encoder, batch)
-    noise, t = batch["noise"], batch["timesteps"]
-    noisy = objective.add_noise(latents, noise, t, alphas_cumprod)
+    t = batch["timesteps"]
+    noise, input_noise = objective.training_noise(
+        batch["noise"], batch.get("offset_draw"), cfg.noise_offset, batch.get("perturbation_draw"),
+        cfg.input_perturbation,
+    )
+    noisy = objective.add_noise(latents, input_noise, t, alphas_cumprod)
     with runtime.autocast(noisy.device, cfg.bf16), nearest_upsample_as_broadcast():
         pred = unet(noisy, t, hidden, return_dict=False)[0]
-    return objective.diffusion_loss(pred, latents, noise, t, alphas_cumprod, cfg.prediction_type, cfg.snr_gamma)
+    return objective.diffusion_loss(pred, latents, noise, t, alphas_cumprod, cfg.prediction_type, cfg.snr_gamma,
+                                    cfg.p2_gamma, cfg.p2_k)
 
 
 def train_step(

@@ -22,13 +22,23 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
+# The optional draws of the objective options, by batch key: whether the draw is per channel (B, C, 1, 1) or
+# latent-sized (B, C, h, w). objective.training_noise takes them.
+EXTRA_DRAWS = {"offset_draw": "channel", "perturbation_draw": "latent"}
+
+
 class WithDiffusionRandomness:
     """Wrap a batch source, adding to each batch:
 
     - `noise`: (B, C, h, w) float32 N(0, I), the diffusion noise;
     - `timesteps`: (B,) int64 uniform in [0, num_train_timesteps);
     - `latent_eps`: (B, C, h, w) float32 N(0, I), to sample the VAE posterior mean + std * eps
-      (only when `with_latent_eps`, i.e. when the step encodes images).
+      (only when `with_latent_eps`, i.e. when the step encodes images);
+    - the `extra_draws` asked for (names of EXTRA_DRAWS), float32 N(0, 1): `offset_draw` (B, C, 1, 1) for
+      --noise_offset, `perturbation_draw` (B, C, h, w) for --input_perturbation. They come from a second
+      seeded generator, so switching them on leaves the noise and timesteps of a run unchanged.
+
+    `num_samples` (the training samples of all hosts, or None when unknown) is passed through from `batches`.
     """
 
     def __init__(
@@ -39,17 +49,25 @@ class WithDiffusionRandomness:
         seed: int,
         process_index: int = 0,
         with_latent_eps: bool = True,
+        extra_draws: tuple[str, ...] = (),
     ):
         self.batches, self.latent_shape, self.num_train_timesteps = batches, tuple(latent_shape), num_train_timesteps
         self.with_latent_eps = with_latent_eps
+        unknown = set(extra_draws) - set(EXTRA_DRAWS)
+        if unknown:
+            raise ValueError(f"unknown extra draws {sorted(unknown)}; expected some of {sorted(EXTRA_DRAWS)}")
+        self.extra_draws = tuple(name for name in EXTRA_DRAWS if name in extra_draws)  # a fixed order
         # Distinct streams per host: hosts hold different samples and must not share noise.
         self.seed = seed * 1_000_003 + process_index + 1
         self.ndims = {**getattr(batches, "ndims", {}), "noise": 4, "timesteps": 1}
         if with_latent_eps:
             self.ndims["latent_eps"] = 4
+        self.ndims.update({name: 4 for name in self.extra_draws})
+        self.num_samples = getattr(batches, "num_samples", None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed)
+        g_extra = torch.Generator().manual_seed(self.seed + 700_001)  # its own stream: see the class docstring
         for batch in self.batches:
             b = next(iter(batch.values())).shape[0]
             batch = dict(batch)
@@ -57,6 +75,9 @@ class WithDiffusionRandomness:
             batch["timesteps"] = torch.randint(0, self.num_train_timesteps, (b,), generator=g)
             if self.with_latent_eps:
                 batch["latent_eps"] = torch.randn((b, *self.latent_shape), generator=g)
+            for name in self.extra_draws:
+                shape = (self.latent_shape[0], 1, 1) if EXTRA_DRAWS[name] == "channel" else self.latent_shape
+                batch[name] = torch.randn((b, *shape), generator=g_extra)
             yield batch
 
 
@@ -73,6 +94,7 @@ class CaptionDropout:
         self.batches, self.p, self.empty = batches, p, empty
         self.seed = seed * 1_000_003 + process_index + 500_009
         self.ndims = getattr(batches, "ndims", {})
+        self.num_samples = getattr(batches, "num_samples", None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed)
