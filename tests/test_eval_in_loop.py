@@ -73,7 +73,7 @@ def test_validation_samples_equal_cpu_sampling_of_the_export(train_runs):
     "extra, message",
     [
         (["--validation_steps", "5"], "--validation_steps needs --validation_prompts"),
-        (["--validation_prompts", "a; b"], "--validation_prompts needs --validation_steps N"),
+        (["--validation_epochs", "2"], "--validation_epochs needs --validation_prompts"),
         (["--eval_steps", "2", "--eval_fraction", "1.5"], "--eval_fraction must be in (0, 1)"),
         (["--eval_steps", "-1"], "must be >= 0"),
         (["--validation_scheduler", "heun"], "invalid choice"),

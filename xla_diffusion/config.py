@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .cli import OneLineParser
-from .errors import ConfigError, check
+from .errors import ConfigError, UserError, check  # noqa: F401 (ConfigError: re-exported for callers)
 from .optim import LR_SCHEDULERS
+from .tracking import resolve_report_to
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names (objective.PREDICTION_TYPES)
 MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION_FLAGS = ("no", "fp16", "bf16")  # diffusers' choices: fp16 is refused with a reason
+# torchvision's InterpolationMode names, the choices of diffusers' --image_interpolation_mode
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # sampling.SCHEDULERS' names
 
 
@@ -63,7 +67,9 @@ class TrainConfig:
         16, "Batch size PER HOST (process). The global batch is this times the number of hosts; it is "
         "sharded over all devices of the mesh, so it must divide evenly among them."
     )
-    max_train_steps: int = option(100, "Number of optimizer steps to run.")
+    max_train_steps: int | None = option(
+        None, "Number of optimizer steps to run; default: --num_train_epochs passes over the training data."
+    )
     learning_rate: float = option(1e-4, "AdamW peak learning rate.")
     lr_scheduler: str = option(
         "constant", "Learning-rate schedule (diffusers' names).", choices=LR_SCHEDULERS
@@ -74,8 +80,9 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (<= 0 disables).")
-    prediction_type: Literal["epsilon", "v_prediction"] | None = option(
-        None, "Training target; default: the scheduler's own prediction_type.", choices=PREDICTION_TYPES
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = option(
+        None, "Training target: epsilon (the noise), v_prediction (the velocity) or sample (the clean latents x0); "
+        "default: the scheduler's own prediction_type. The exported scheduler is set to it.", choices=PREDICTION_TYPES
     )
     proportion_empty_prompts: float = option(
         0.0, "Fraction of captions replaced by the empty prompt, to train the unconditional prediction that "
@@ -86,7 +93,7 @@ class TrainConfig:
     )
     mixed_precision: Literal["no", "bf16"] = option(
         "no", "bf16: frozen VAE/text encoder in bf16 and UNet forward/backward under bf16 autocast, with fp32 "
-        "master weights and fp32 AdamW state.", choices=MIXED_PRECISION
+        "master weights and fp32 AdamW state (fp16 is refused: TPUs compute in bf16).", choices=MIXED_PRECISION_FLAGS
     )
     use_ema: bool = option(
         False, "Keep an exponential moving average of the UNet weights (updated in the step's graph); "
@@ -108,12 +115,17 @@ class TrainConfig:
     profile_duration: int = option(10000, "Profile capture length in ms when PROFILE_DIR is set.")
     profile_start_step: int = option(5, "Step at which the profile capture starts when PROFILE_DIR is set.")
     # evaluation during training (each in its own XLA graphs, compiled once; never touches the step graph)
-    validation_prompts: str | None = option(
-        None, "Prompts sampled every --validation_steps: ';'-separated, or a file (one per line, or JSON lines "
-        "with \"text\")."
+    validation_prompts: str | list[str] | None = option(
+        None, "Prompts sampled every --validation_steps (or --validation_epochs): several arguments (diffusers' "
+        "form), one ';'-separated argument, or a file (one per line, or JSON lines with \"text\").", nargs="+"
     )
     validation_steps: int = option(
-        0, "Every N steps sample --validation_prompts into OUTPUT_DIR/validation/step_XXXXXX/ (0: never)."
+        0, "Every N steps sample --validation_prompts into OUTPUT_DIR/validation/step_XXXXXX/ and log them to the "
+        "trackers (0: use --validation_epochs)."
+    )
+    validation_epochs: int | None = option(
+        None, "Sample --validation_prompts every N passes over the training data (diffusers'; 5 when "
+        "--validation_prompts is given without --validation_steps)."
     )
     num_validation_images: int = option(1, "Images per validation prompt.")
     validation_guidance_scale: float = option(7.5, "Classifier-free guidance scale of the validation samples.")
@@ -131,15 +143,110 @@ class TrainConfig:
                                 "--eval_data_dir.")
     eval_timesteps: int = option(8, "Number of evenly spaced timesteps the validation loss averages over.")
     max_eval_samples: int | None = option(None, "Use at most this many held-out samples (per host).")
+    # optimisation (the objective options; a table section merges with its namesake)
+    noise_offset: float = option(
+        0.0, "Offset noise: add this times a per-sample, per-channel N(0, 1) constant to the noise, so the model "
+        "can change an image's mean brightness (diffusers'; 0.05-0.1 is usual). 0: off."
+    )
+    input_perturbation: float = option(
+        0.0, "Input perturbation (Ning et al. 2023): the noisy input is built from noise + this times fresh N(0, I) "
+        "noise while the target keeps the plain noise (diffusers'; 0.1 is recommended). 0: off."
+    )
+    p2_gamma: float | None = option(
+        None, "P2 loss weighting 1 / (p2_k + SNR)^p2_gamma of the epsilon loss (Choi et al. 2022; 0.5 or 1), carried "
+        "over to the v_prediction and sample targets. Off if unset; one of --snr_gamma and --p2_gamma."
+    )
+    p2_k: float = option(1.0, "The k of --p2_gamma weighting (> 0; the paper's 1).")
+    # trackers (process 0 writes them)
+    report_to: str = option(
+        "tensorboard", "Where the metrics, validation images and the config go, besides LOGGING_DIR/metrics.jsonl: "
+        "tensorboard, wandb, all (every installed one) or none (diffusers' default: tensorboard). Process 0 only."
+    )
+    tracker_project_name: str = option(
+        "text2image-fine-tune", "The wandb project, and the TensorBoard run folder under LOGGING_DIR."
+    )
+    logging_dir: str = option("logs", "Where the logs go: relative to --output_dir unless absolute or gs://.")
+    # hub (process 0 pushes)
+    push_to_hub: bool = option(
+        False, "After the export, upload OUTPUT_DIR (with its model card README.md) to the hub repo --hub_model_id "
+        "(process 0 only; validation/ and wandb's run files stay local)."
+    )
+    hub_model_id: str | None = option(
+        None, "Model repo to push to, 'namespace/name' or 'name' (default: the --output_dir folder's name)."
+    )
+    hub_token: str | None = option(
+        None, "Hub token with write access (default: HF_TOKEN or the saved login). Never logged, tracked or "
+        "written to the model card."
+    )
+    hub_private_repo: bool = option(False, "Create the repo private (when it does not exist yet).")
+    hub_revision: str | None = option(None, "Branch to push to, created from main when missing (default: main).")
+    # optimisation (diffusers' epochs and learning-rate scaling)
+    num_train_epochs: int = option(
+        100, "Passes over the training data when --max_train_steps is not given: steps = epochs x (training "
+        "samples // global batch), from the dataset's size (latent shards: their manifest's sample count)."
+    )
+    scale_lr: bool = option(
+        False, "Multiply --learning_rate by the global batch size (per-host batch x hosts), as diffusers does."
+    )
+    # data (diffusers' and the XLA example's)
+    image_interpolation_mode: str = option(
+        "bilinear", "Interpolation of the resize of raw images (diffusers' default is lanczos; bilinear here is "
+        "what data_prep/encode.py uses, so latent shards and raw images give the same pixels).",
+        choices=INTERPOLATION_MODES,
+    )
+    loader_prefetch_factor: int = option(
+        2, "Batches each host loader worker prefetches (DataLoader prefetch_factor, with --dataloader_num_workers)."
+    )
+    # model (diffusers')
+    non_ema_revision: str | None = option(
+        None, "Revision of the UNet to train (diffusers': its non-EMA weights); default: --revision."
+    )
+    # logging and output (the XLA example's)
+    measure_start_step: int | None = option(
+        None, "The XLA example's name for the warm-up: steps before it are left out of the mean step time, and "
+        "the profile starts there (sets --timing_warmup_steps and --profile_start_step)."
+    )
+    # accepted from diffusers' GPU script (each gives one warning or error line)
+    local_rank: int = option(-1, "Ignored (warning): one process per host drives all its chips, no torchrun.")
+    allow_tf32: bool = option(False, "Ignored (warning): TF32 is an Nvidia GPU format; TPUs compute in bf16/fp32.")
+    use_8bit_adam: bool = option(
+        False, "Ignored (warning): bitsandbytes is CUDA-only; AdamW keeps fp32 state (the same update, more memory)."
+    )
+    foreach_ema: bool = option(False, "Ignored (warning): the EMA update is already fused into the step's graph.")
+    offload_ema: bool = option(
+        False, "Ignored (warning): the moving average stays on the devices, beside the weights it averages."
+    )
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "xFormers is CUDA-only; on TPU this becomes flash attention where supported (warning: for now the "
+        "standard attention runs)."
+    )
+    dream_training: bool = option(False, "Refused (error): DREAM (Zhou et al. 2023) is not implemented here.")
+    dream_detail_preservation: float = option(1.0, "DREAM's detail preservation p (only with --dream_training).")
+    # coming with other issues (a value other than the default is refused for now)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer update (not yet supported: 1).")
+    gradient_checkpointing: bool = option(False, "Recompute UNet activations in the backward (not yet supported).")
+    checkpointing_steps: int | None = option(None, "Save the training state every N steps (not yet supported).")
+    checkpoints_total_limit: int | None = option(None, "Keep at most N checkpoints (not yet supported).")
+    resume_from_checkpoint: str | None = option(
+        None, "Resume from a checkpoint path or \"latest\" (not yet supported)."
+    )
 
     def __post_init__(self) -> None:
         if self.print_loss:
             self.logging_steps = 1
+        if self.measure_start_step is not None:
+            # The XLA example's step m (0-based) is our step m + 1: m steps are warm-up, the profile starts after.
+            self.timing_warmup_steps, self.profile_start_step = self.measure_start_step, self.measure_start_step + 1
+        if isinstance(self.validation_prompts, (list, tuple)):
+            # diffusers' nargs="+": one argument is ours (';'-separated or a file), several are one prompt each.
+            prompts = [p.strip() for p in self.validation_prompts if p.strip()]
+            self.validation_prompts = prompts[0] if len(prompts) == 1 else (prompts or None)
         check([
             (self.dataset_name is None and self.train_data_dir is None,
              "pass --dataset_name or --train_data_dir"),
             (self.train_batch_size < 1, "--train_batch_size must be >= 1"),
-            (self.max_train_steps < 1, "--max_train_steps must be >= 1"),
+            (self.max_train_steps is not None and self.max_train_steps < 1, "--max_train_steps must be >= 1"),
+            (self.num_train_epochs < 1, "--num_train_epochs must be >= 1"),
             (self.resolution < 8 or self.resolution % 8, "--resolution must be a positive multiple of 8"),
             (self.learning_rate <= 0, "--learning_rate must be > 0"),
             (self.lr_warmup_steps < 0, "--lr_warmup_steps must be >= 0"),
@@ -155,8 +262,11 @@ class TrainConfig:
             (self.validation_steps < 0 or self.eval_steps < 0, "--validation_steps and --eval_steps must be >= 0"),
             (self.validation_steps > 0 and not self.validation_prompts,
              "--validation_steps needs --validation_prompts"),
-            (bool(self.validation_prompts) and self.validation_steps == 0,
-             "--validation_prompts needs --validation_steps N"),
+            (self.validation_epochs is not None and self.validation_steps > 0,
+             "pass one of --validation_steps and --validation_epochs"),
+            (self.validation_epochs is not None and self.validation_epochs < 1, "--validation_epochs must be >= 1"),
+            (self.validation_epochs is not None and not self.validation_prompts,
+             "--validation_epochs needs --validation_prompts"),
             (self.num_validation_images < 1, "--num_validation_images must be >= 1"),
             (self.validation_num_inference_steps < 1, "--validation_num_inference_steps must be >= 1"),
             (self.validation_scheduler not in SAMPLERS, f"--validation_scheduler must be one of {', '.join(SAMPLERS)}"),
@@ -165,10 +275,65 @@ class TrainConfig:
             (self.max_eval_samples is not None and self.max_eval_samples < 1, "--max_eval_samples must be >= 1"),
             (self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES,
              f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"),
+            (self.mixed_precision == "fp16",
+             "--mixed_precision fp16: TPUs compute in bf16, pass --mixed_precision bf16"),
             (self.mixed_precision not in MIXED_PRECISION,
              f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}"),
             (self.lr_scheduler not in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
         ])
+        self._check_ecosystem_flags()
+
+    def _check_ecosystem_flags(self) -> None:
+        """The objective options, trackers, hub and diffusers-compatibility flags (one error line each)."""
+        check([
+            (self.noise_offset < 0 or self.input_perturbation < 0,
+             "--noise_offset and --input_perturbation must be >= 0"),
+            (self.p2_gamma is not None and self.p2_gamma < 0, "--p2_gamma must be >= 0"),
+            (self.p2_k <= 0, "--p2_k must be > 0"),
+            (self.p2_gamma is not None and self.snr_gamma is not None,
+             "--snr_gamma and --p2_gamma are two loss weightings: pass one"),
+            (not self.push_to_hub and (self.hub_model_id or self.hub_private_repo or self.hub_revision),
+             "--hub_model_id, --hub_private_repo and --hub_revision need --push_to_hub"),
+            (self.push_to_hub and self.hub_model_id is not None and not self.hub_model_id.strip(),
+             "--hub_model_id must not be empty"),
+            (self.push_to_hub and "://" in self.output_dir,
+             "--push_to_hub uploads a local --output_dir; this one is remote"),
+            (self.loader_prefetch_factor < 1, "--loader_prefetch_factor must be >= 1"),
+            (self.measure_start_step is not None and self.measure_start_step < 0, "--measure_start_step must be >= 0"),
+            (self.image_interpolation_mode not in INTERPOLATION_MODES,
+             f"--image_interpolation_mode must be one of {', '.join(INTERPOLATION_MODES)}"),
+            (self.dream_training, "--dream_training: DREAM (Zhou et al. 2023) is not implemented by this trainer"),
+            (self.gradient_accumulation_steps != 1,
+             "--gradient_accumulation_steps is not yet supported (the performance issue adds it): pass 1 or a "
+             "larger --train_batch_size"),
+            (self.gradient_checkpointing,
+             "--gradient_checkpointing is not yet supported (the performance issue adds it)"),
+            (self.checkpointing_steps is not None or self.checkpoints_total_limit is not None
+             or self.resume_from_checkpoint is not None,
+             "--checkpointing_steps, --checkpoints_total_limit and --resume_from_checkpoint are not yet supported "
+             "(the checkpoint issue adds them)"),
+        ])
+        resolve_report_to(self.report_to)  # an unknown value or a missing package: one TrackerError line
+
+    def compatibility_warnings(self) -> list[str]:
+        """One line per given diffusers flag that means nothing here but is harmless to ignore."""
+        ignored = [
+            (self.local_rank != -1, "--local_rank is ignored: one process per host drives all its chips (no torchrun)"),
+            (self.allow_tf32, "--allow_tf32 is ignored: TF32 is an Nvidia GPU format, TPUs compute in bf16/fp32"),
+            (self.use_8bit_adam, "--use_8bit_adam is ignored: bitsandbytes is CUDA-only; AdamW keeps its state in "
+                                 "fp32 (the same update, more memory; shard it with --fsdp_size)"),
+            (self.foreach_ema, "--foreach_ema is ignored: the EMA update is already fused into the step's graph"),
+            (self.offload_ema, "--offload_ema is ignored: the moving average stays on the devices"),
+            (self.enable_xformers_memory_efficient_attention,
+             "--enable_xformers_memory_efficient_attention: xFormers is CUDA-only and flash attention is not wired "
+             "into the trainer yet; the standard attention runs"),
+            (self.non_ema_revision is not None and self.use_ema and self.non_ema_revision != self.revision,
+             "--non_ema_revision with --use_ema: the moving average starts from the --non_ema_revision weights "
+             "(diffusers starts it from --revision's)"),
+            (self.dream_detail_preservation != 1.0 and not self.dream_training,
+             "--dream_detail_preservation is ignored without --dream_training"),
+        ]
+        return [message for given, message in ignored if given]
 
     @property
     def eval_heldout_fraction(self) -> float:
@@ -213,10 +378,14 @@ def build_parser(cls: type = TrainConfig, description: str | None = None) -> arg
 
 
 def parse_args(argv: list[str] | None = None, cls: type = TrainConfig) -> Any:
-    """Parse the command line into `cls`; a bad value exits with one `error:` line."""
+    """Parse the command line into `cls`; a bad value exits with one `error:` line (exit code 2), and each
+    harmless flag without a meaning here gives one `warning:` line."""
     args = build_parser(cls).parse_args(argv)
     try:
-        return cls(**vars(args))
-    except ConfigError as e:
+        cfg = cls(**vars(args))
+    except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2) from None
+    for message in getattr(cfg, "compatibility_warnings", list)():
+        sys.stderr.write(f"warning: {message}\n")
+    return cfg

@@ -17,7 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from . import fsio, runtime
 from .config import TrainConfig
@@ -28,7 +30,7 @@ from .errors import ConfigError, EvalError
 from .models import frozen_dtype, load_models
 from .prompts import load_prompt_records
 from .sample_files import sample_records, write_samples
-from .sampling import SampleOptions, SamplerModels, eval_mode, generate
+from .sampling import SampleOptions, SamplerModels, eval_mode, generate, make_scheduler
 from .train_step import FrozenParts, StepConfig, compute_loss
 from .validation import FixedTimestepBatches, fixed_timesteps, validation_loss
 
@@ -102,6 +104,8 @@ class InLoopEvaluator:
     prompt_records: list[dict[str, Any]] = field(default_factory=list)
     eval_compilations: int = 0
     validation_compilations: int = 0
+    last_grid: str | None = None  # the grid.png of the last validation (process 0), for the model card
+    last_eval: dict[str, Any] | None = None  # the last eval_loss record, for the model card
 
     @classmethod
     def create(cls, cfg: TrainConfig, models: Any, rt: runtime.Runtime, tracker: Any, unet: torch.nn.Module,
@@ -119,8 +123,10 @@ class InLoopEvaluator:
     def _setup_sampling(self, models: Any) -> None:
         value = self.cfg.validation_prompts
         try:
-            # A path (local or gs://) that exists is a prompt file; anything else is the prompts themselves.
-            self.prompt_records = (load_prompt_records(prompt_file=value) if fsio.exists(value)
+            # Several prompts (diffusers' form) are one each; a path (local or gs://) that exists is a prompt
+            # file; anything else is the prompts themselves, ';'-separated.
+            self.prompt_records = ([{"text": p} for p in value] if isinstance(value, (list, tuple))
+                                   else load_prompt_records(prompt_file=value) if fsio.exists(value)
                                    else load_prompt_records(prompt=value))
         except EvalError as e:
             raise ConfigError(f"--validation_prompts: {e}") from None
@@ -136,6 +142,10 @@ class InLoopEvaluator:
                 text_encoder = runtime.place_frozen(extra.text_encoder, dtype, self.rt.device)
         # Sample with the objective being trained (e.g. v-prediction from an epsilon checkpoint), as the export does.
         scheduler_config = {**models.noise_scheduler.config, "prediction_type": self.step_cfg.prediction_type}
+        try:
+            make_scheduler(self.cfg.validation_scheduler, scheduler_config)  # refused now, not at the first validation
+        except EvalError as e:
+            raise ConfigError(f"--validation_scheduler: {e}") from None
         self.sampler = SamplerModels.from_models(models, unet=self.unet, vae=vae, text_encoder=text_encoder,
                                                  scheduler_config=scheduler_config)
 
@@ -150,8 +160,8 @@ class InLoopEvaluator:
 
     def eval_loss(self, step: int) -> dict[str, Any]:
         """Fixed-timestep validation loss of the current weights; logs and returns the metrics."""
-        # The plain objective (no min-SNR weighting): comparable across runs with different loss weightings.
-        plain = dataclasses.replace(self.step_cfg, snr_gamma=None)
+        # The plain objective (no loss weighting, plain noise): comparable across runs with different options.
+        plain = self.step_cfg.plain()
         f = self.frozen
 
         def loss_fn(host_batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -165,6 +175,7 @@ class InLoopEvaluator:
         self.eval_compilations += runtime.compile_count() - before
         record = {"step": step, **metrics, "eval_compilations": self.eval_compilations}
         self.tracker.log(record)
+        self.last_eval = record
         return record
 
     def validate(self, step: int) -> dict[str, Any]:
@@ -176,7 +187,14 @@ class InLoopEvaluator:
         self.validation_compilations += runtime.compile_count() - before
         out_dir = fsio.join(self.cfg.output_dir, "validation", f"step_{step:06d}")
         if self.rt.is_main_process:
-            write_samples(out_dir, images, sample_records(self.prompt_records, opts), grid_cols=min(8, len(images)))
+            records = sample_records(self.prompt_records, opts)
+            paths = write_samples(out_dir, images, records, grid_cols=min(8, len(images)))
+            self.last_grid = paths["grid"]
+            # The images are host arrays already: the trackers get them without touching a device.
+            with fsio.open_file(paths["grid"], "rb") as f:
+                grid = np.asarray(Image.open(f).convert("RGB"))
+            self.tracker.log_images(step, {"validation": list(images), "validation_grid": [grid]},
+                                    captions={"validation": [r["text"] for r in records]})
         record = {"step": step, "validation_dir": out_dir, "validation_compilations": self.validation_compilations}
         self.tracker.log(record)
         return record

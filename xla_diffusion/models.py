@@ -75,9 +75,11 @@ def load_models(
     load_vae: bool = True,
     load_text_encoder: bool = True,
     load_unet: bool = True,
+    unet_revision: str | None = None,
 ) -> Models:
     """Load the parts on the CPU in fp32; the ones switched off stay None (training on pre-encoded latents
-    needs neither encoder; encoding needs no UNet). Raises ModelLoadError with a one-line reason."""
+    needs neither encoder; encoding needs no UNet). The UNet comes from `unet_revision` when given (diffusers'
+    --non_ema_revision), else `revision`. Raises ModelLoadError with a one-line reason."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -94,7 +96,8 @@ def load_models(
             vae.requires_grad_(False).eval()
         vae_config = vae.config if load_vae else _config_only(AutoencoderKL, source, "vae", common)
         if load_unet:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant,
+                                                        **{**common, "revision": unet_revision or revision})
             unet.train()
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:

@@ -6,13 +6,14 @@ and process 0 alone writes shared outputs (logs, validation samples, the pipelin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
 
 import torch
 
-from . import fsio, runtime
+from . import hub, runtime
 from .config import TrainConfig
 from .data.config import DataConfig
 from .data.latents import LatentManifest, read_manifest
@@ -24,7 +25,7 @@ from .export import export_pipeline
 from .models import Models, frozen_dtype, load_models
 from .monitor import StepMonitor
 from .state import TrainState
-from .tracking import JsonlTracker, NullTracker
+from .tracking import make_trackers, public_config
 from .train_step import FrozenParts, StepConfig, train_step
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     latents = read_manifest(cfg.train_data_dir) if cfg.dataset_name is None else None
     models = load_training_models(cfg, latents)
     source = training_data(cfg, models, rt, latents)
+    cfg = resolve_epochs(cfg, rt, source.num_samples)
     step_cfg = StepConfig.for_models(models, cfg.prediction_type, cfg.snr_gamma, cfg.max_grad_norm,
-                                     bf16=cfg.mixed_precision == "bf16", latents=latents)
+                                     bf16=cfg.mixed_precision == "bf16", latents=latents, **objective_options(cfg))
+    repo_id = create_hub_repo(cfg, rt)
     frozen = FrozenParts.place(models, frozen_dtype(cfg.mixed_precision), rt.device)
     state = TrainState.create(models.unet.to(rt.device), cfg)  # fp32 master weights on the mesh
     if rt.is_main_process:
@@ -65,6 +68,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             export_pipeline(models.source, state.unet, cfg.output_dir, revision=cfg.revision, variant=cfg.variant,
                             extra_files={"train_summary.json": summary}, prediction_type=step_cfg.prediction_type,
                             sample_size=cfg.resolution // models.vae_scale)
+        publish(cfg, summary, evaluator, repo_id)
     return summary
 
 
@@ -85,6 +89,7 @@ def load_training_models(cfg: TrainConfig, latents: LatentManifest | None) -> Mo
     return load_models(
         cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.cache_dir,
         load_vae=latents is None, load_text_encoder=latents is None or not latents.has_text_states,
+        unet_revision=cfg.non_ema_revision,
     )
 
 
@@ -99,10 +104,88 @@ def training_data(cfg: TrainConfig, models: Models, rt: runtime.Runtime, latents
 
 
 def make_tracker(cfg: TrainConfig, rt: runtime.Runtime) -> Any:
-    """OUTPUT_DIR/logs/metrics.jsonl on process 0 (local output folders); nothing elsewhere."""
-    if rt.is_main_process and not fsio.is_remote(cfg.output_dir):
-        return JsonlTracker(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"))
-    return NullTracker()
+    """On process 0: LOGGING_DIR/metrics.jsonl (local output folders) and the --report_to trackers, with the
+    config (without its secrets) as hyper-parameters; a tracker that does nothing elsewhere."""
+    return make_trackers(cfg.report_to, cfg.tracker_project_name, cfg.logging_dir, cfg.output_dir,
+                         dataclasses.asdict(cfg), rt.is_main_process)
+
+
+# diffusers validates every --validation_epochs epochs; its default, when --validation_prompts comes alone.
+DEFAULT_VALIDATION_EPOCHS = 5
+
+
+def resolve_epochs(cfg: TrainConfig, rt: runtime.Runtime, num_samples: int | None) -> TrainConfig:
+    """diffusers' epoch flags as steps, and --scale_lr, once the data's size and the host count are known: the
+    run's config from here on. An epoch is `num_samples // global batch` steps (the last partial batch is
+    dropped). The same on every host (`num_samples` counts all hosts' samples), so all stop at the same step."""
+    global_batch = cfg.train_batch_size * rt.process_count
+    changes: dict[str, Any] = {}
+    wants_validation_epochs = bool(cfg.validation_prompts) and cfg.validation_steps == 0
+    if cfg.max_train_steps is None or wants_validation_epochs:
+        flags = "--num_train_epochs" if cfg.max_train_steps is None else "--validation_epochs"
+        if not num_samples:
+            raise ConfigError(f"{flags} needs the number of training samples, which this dataset does not record "
+                              "(a latent dataset without counts in its manifest): pass --max_train_steps and "
+                              "--validation_steps")
+        steps_per_epoch = num_samples // global_batch
+        if steps_per_epoch < 1:
+            raise ConfigError(f"{flags}: {num_samples} training samples make no full global batch of {global_batch}")
+        if cfg.max_train_steps is None:
+            changes["max_train_steps"] = cfg.num_train_epochs * steps_per_epoch
+        if wants_validation_epochs:
+            changes["validation_steps"] = (cfg.validation_epochs or DEFAULT_VALIDATION_EPOCHS) * steps_per_epoch
+            changes["validation_epochs"] = None
+        if rt.is_main_process:
+            log.info("an epoch is %d steps (%d samples, global batch %d): %s", steps_per_epoch, num_samples,
+                     global_batch, ", ".join(f"{k} {v}" for k, v in changes.items() if v is not None))
+    if cfg.scale_lr:
+        changes["learning_rate"] = cfg.learning_rate * global_batch * cfg.gradient_accumulation_steps
+        if rt.is_main_process:
+            log.info("--scale_lr: learning rate %g x global batch %d = %g", cfg.learning_rate, global_batch,
+                     changes["learning_rate"])
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def objective_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The objective options of StepConfig, from the config."""
+    return {"noise_offset": cfg.noise_offset, "input_perturbation": cfg.input_perturbation,
+            "p2_gamma": cfg.p2_gamma, "p2_k": cfg.p2_k}
+
+
+def hub_repo_id(cfg: TrainConfig) -> str:
+    """--hub_model_id, or the --output_dir folder's name (diffusers')."""
+    return cfg.hub_model_id or os.path.basename(os.path.normpath(cfg.output_dir))
+
+
+def create_hub_repo(cfg: TrainConfig, rt: runtime.Runtime) -> str | None:
+    """With --push_to_hub, process 0 creates the repo before training: a bad token or an unreachable hub is one
+    error line at the start, not after the run. Returns the repo id (None without a push, or elsewhere)."""
+    if not cfg.push_to_hub:
+        return None
+    return hub.create_repo(hub_repo_id(cfg), cfg.hub_token, cfg.hub_private_repo, cfg.hub_revision,
+                           is_main_process=rt.is_main_process)
+
+
+def publish(cfg: TrainConfig, summary: dict[str, Any], evaluator: InLoopEvaluator | None,
+            repo_id: str | None) -> None:
+    """Process 0, after the export: the model card README.md in the export folder (run summary, the last
+    validation grid and evaluation), then with --push_to_hub the folder's upload. A failed push raises HubError
+    (one line, exit code 1) and leaves the export as it is."""
+    last_eval = evaluator.last_eval if evaluator is not None else None
+    hub.write_model_card(
+        cfg.output_dir, base_model=cfg.pretrained_model_name_or_path, hyperparameters=public_config(
+            dataclasses.asdict(cfg)), steps=summary["steps"], mesh=summary["mesh"],
+        num_processes=summary["num_processes"], num_devices=summary["num_devices"],
+        mean_step_time_s=summary["mean_step_time_s"], images_per_s=summary["images_per_s"],
+        dataset=cfg.dataset_name or cfg.train_data_dir,
+        validation_grid=evaluator.last_grid if evaluator is not None else None,
+        validation_prompts=[r["text"] for r in evaluator.prompt_records] if evaluator is not None else (),
+        eval_metrics={k: v for k, v in last_eval.items() if k == "step" or k.startswith("eval_loss")}
+        if last_eval else None, repo_id=repo_id,
+    )
+    if repo_id is not None:
+        hub.push_to_hub(cfg.output_dir, repo_id, cfg.hub_token, cfg.hub_private_repo, cfg.hub_revision,
+                        is_main_process=True, ignore_patterns=(*hub.DEFAULT_IGNORE_PATTERNS, "validation/*"))
 
 
 def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg: StepConfig, loader: Any,

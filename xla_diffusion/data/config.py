@@ -29,6 +29,9 @@ class DataConfig:
     shuffle_buffer_size: int = 1000
     text_dtype: torch.dtype = torch.float32  # dtype of pixels and text states: the frozen encoders' dtype
     heldout_fraction: float = 0.0  # of raw image data, held out of training for the validation loss
+    interpolation: str = "bilinear"  # of the raw images' resize (a torchvision InterpolationMode name)
+    prefetch_factor: int = 2  # batches each loader worker prefetches
+    extra_draws: tuple[str, ...] = ()  # optional per-step draws (randomness.EXTRA_DRAWS) the objective needs
 
     @classmethod
     def from_train_config(cls, cfg: Any, text_dtype: torch.dtype) -> DataConfig:
@@ -40,6 +43,9 @@ class DataConfig:
             max_train_samples=cfg.max_train_samples, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
             num_workers=cfg.dataloader_num_workers, shuffle_buffer_size=cfg.shuffle_buffer_size,
             text_dtype=text_dtype, heldout_fraction=cfg.eval_heldout_fraction,
+            interpolation=cfg.image_interpolation_mode, prefetch_factor=cfg.loader_prefetch_factor,
+            extra_draws=tuple(name for name, flag in (("offset_draw", cfg.noise_offset),
+                                                      ("perturbation_draw", cfg.input_perturbation)) if flag),
         )
 
     def for_evaluation(self) -> DataConfig:

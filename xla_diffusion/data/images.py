@@ -54,17 +54,23 @@ def load_image_caption_dataset(data: DataConfig, process_index: int = 0, process
         n_heldout = min(len(ds) - 1, math.ceil(data.heldout_fraction * len(ds)))
         order = np.random.default_rng(0).permutation(len(ds))
         ds = ds.select(sorted(order[:n_heldout] if part == "heldout" else order[n_heldout:]))
+    return host_part(ds, process_index, process_count)
+
+
+def host_part(ds: Any, process_index: int, process_count: int) -> Any:
+    """This host's contiguous 1/process_count of `ds`: hosts never see each other's samples within an epoch."""
     if process_count > 1:
-        # Each host trains on its own part; hosts never see each other's samples within an epoch.
         ds = ds.shard(num_shards=process_count, index=process_index, contiguous=True)
     return ds
 
 
-def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> transforms.Compose:
-    """PIL image → (3, resolution, resolution) float tensor in [-1, 1]."""
+def image_transform(resolution: int, center_crop: bool, random_flip: bool,
+                    interpolation: str = "bilinear") -> transforms.Compose:
+    """PIL image → (3, resolution, resolution) float tensor in [-1, 1]; `interpolation` names the resize's
+    torchvision InterpolationMode (diffusers' --image_interpolation_mode)."""
     return transforms.Compose(
         [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode[interpolation.upper()]),
             transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
             transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda x: x),
             transforms.ToTensor(),
@@ -89,6 +95,7 @@ class ImageCaptionBatches:
     """
 
     ndims = {"pixel_values": 4, "input_ids": 2}
+    num_samples: int | None = None  # the training samples of all hosts, when the caller knows them
 
     def __init__(self, dataset: Any, tokenizer: Any, data: DataConfig):
         if len(dataset) < data.batch_size:
@@ -96,8 +103,9 @@ class ImageCaptionBatches:
                 f"this host's dataset has {len(dataset)} samples, fewer than --train_batch_size {data.batch_size}"
             )
         self.batch_size, self.num_workers, self.seed = data.batch_size, data.num_workers, data.seed
+        self.prefetch_factor = data.prefetch_factor if data.num_workers else None
         self.pixel_dtype = data.text_dtype  # the frozen encoders' dtype
-        transform = image_transform(data.resolution, data.center_crop, data.random_flip)
+        transform = image_transform(data.resolution, data.center_crop, data.random_flip, data.interpolation)
         rng = random.Random(data.seed)
 
         def preprocess(examples: dict[str, list]) -> dict[str, Any]:
@@ -128,7 +136,7 @@ class ImageCaptionBatches:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=True,
-                num_workers=self.num_workers, collate_fn=self._collate,
+                num_workers=self.num_workers, collate_fn=self._collate, prefetch_factor=self.prefetch_factor,
                 persistent_workers=False,
             )
             yield from loader

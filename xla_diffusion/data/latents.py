@@ -281,6 +281,7 @@ class LatentShardBatches:
         text_dtype: torch.dtype = torch.float32,
         use_text_states: bool = True,
         shards: list[str] | None = None,
+        prefetch_factor: int = 4,
     ):
         all_shards = list_shards(manifest.root) if shards is None else shards
         if not all_shards:
@@ -290,7 +291,7 @@ class LatentShardBatches:
             log.warning("%d loader workers for %d shards on this host: using %d", num_workers, len(self.shards),
                         len(self.shards))
             num_workers = len(self.shards)
-        self.num_workers = num_workers
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.use_text_states = use_text_states and manifest.has_text_states
         self.stream = _LatentSampleStream(
             self.shards, manifest, batch_size, shuffle_buffer,
@@ -302,7 +303,7 @@ class LatentShardBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None, persistent_workers=False,
         )
         yield from loader
 
@@ -331,7 +332,11 @@ def build_latent_source(data: Any, models: Any, rt: Any, manifest: LatentManifes
     batches = LatentShardBatches(
         manifest, data.batch_size, rt.process_index, rt.process_count, data.num_workers,
         shuffle_buffer=data.shuffle_buffer_size, seed=data.seed, text_dtype=data.text_dtype, shards=shards,
+        prefetch_factor=data.prefetch_factor,
     )
+    # The encoder records how many samples its shards hold (data_prep.encode_output.update_manifest_counts).
+    samples = manifest.raw.get("counts", {}).get("samples")
+    batches.num_samples = int(samples) if samples else None
     log.info(
         "training on pre-encoded latents at %s: %d of %d shards on this host, text states %s",
         manifest.root, len(batches.shards), len(shards),
@@ -339,7 +344,7 @@ def build_latent_source(data: Any, models: Any, rt: Any, manifest: LatentManifes
     )
     source = WithDiffusionRandomness(
         batches, manifest.latent_shape, models.noise_scheduler.config.num_train_timesteps,
-        seed=data.seed, process_index=rt.process_index,
+        seed=data.seed, process_index=rt.process_index, extra_draws=data.extra_draws,
     )
     # For caption dropout (data.source.empty_prompt): the empty caption in the form the batches carry.
     source.empty_prompt = read_empty_prompt(manifest, data.text_dtype) if batches.use_text_states else None

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from .config import DataConfig
-from .images import ImageCaptionBatches, load_image_caption_dataset, tokenize
+from .images import ImageCaptionBatches, host_part, load_image_caption_dataset, tokenize
 from .latents import build_latent_source
 from .randomness import WithDiffusionRandomness
 
@@ -21,10 +21,12 @@ def build_data_source(data: DataConfig, models: Any, rt: Any, manifest: Any) -> 
     given, else from raw image–caption data."""
     if manifest is not None:
         return build_latent_source(data, models, rt, manifest)
-    dataset = load_image_caption_dataset(data, process_index=rt.process_index, process_count=rt.process_count)
+    dataset = load_image_caption_dataset(data)  # every host's samples (memory-mapped), then this host's part
+    batches = ImageCaptionBatches(host_part(dataset, rt.process_index, rt.process_count), models.tokenizer, data)
+    batches.num_samples = len(dataset)
     return WithDiffusionRandomness(
-        ImageCaptionBatches(dataset, models.tokenizer, data), models.latent_shape(data.resolution),
-        models.noise_scheduler.config.num_train_timesteps, seed=data.seed, process_index=rt.process_index,
+        batches, models.latent_shape(data.resolution), models.noise_scheduler.config.num_train_timesteps,
+        seed=data.seed, process_index=rt.process_index, extra_draws=data.extra_draws,
     )
 
 
