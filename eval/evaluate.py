@@ -1,11 +1,13 @@
 """Score a trained pipeline: every metric whose inputs were given, a table on stdout, and a JSON file.
 
     python -m eval.evaluate --pipeline DIR --prompts PROMPTS --output scores.json \
-        [--reference_dir REAL_IMAGES --inception_weights inception_v3_google-0cc3c7bd.pth] \
+        [--reference_dir REAL_IMAGES --inception_weights pt_inception-2015-12-05-6726825d.pth] \
         [--clip_model CLIP_FOLDER] [--heldout HELDOUT_IMAGE_FOLDER]
 
 Metrics and what each needs (a metric without its inputs is skipped, and the table says why):
-- fid: samples (generated from --prompts, or --samples) + --reference_dir + --inception_weights
+- fid: samples (generated from --prompts, or --samples) + --reference_dir + --inception_weights: the standard FID
+  Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, values comparable with published FIDs)
+  or torchvision's ImageNet Inception V3 (comparable only among runs scored with it); the file tells which
 - clip_score: samples + --clip_model (a local transformers CLIP folder)
 - shapes colour/background/shape accuracy: samples whose prompts are shapes captions ("a red circle on a ...")
 - eval_loss (fixed-timestep validation loss) and bits_per_dim: --heldout, an image folder with metadata.jsonl
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from eval.common import load_samples
+from eval.fid_inception import FID_WEIGHTS_HINT, FidInceptionFeatures, inception_extractor
 from xla_diffusion.cli import OneLineParser, run_cli
 from xla_diffusion.data.config import DataConfig
 from xla_diffusion.data.images import ImageCaptionBatches, OrderedImageBatches, load_image_caption_dataset
@@ -104,7 +107,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--samples", help="Score these samples (eval.sample's output) instead of generating.")
     p.add_argument("--samples_dir", help="Where generated samples are written (default: beside --output).")
     p.add_argument("--reference_dir", help="Folder of real images for FID.")
-    p.add_argument("--inception_weights", help="torchvision Inception V3 weights file for FID.")
+    p.add_argument("--inception_weights", help="FID Inception weights: the standard FID file "
+                   "(pt_inception-2015-12-05-6726825d.pth, through pytorch-fid: comparable with published FIDs) or "
+                   "torchvision's Inception V3 ImageNet weights; the file tells which.")
     p.add_argument("--clip_model", help="Local folder with a transformers CLIPModel + CLIPProcessor.")
     p.add_argument("--heldout", help="Image folder with metadata.jsonl (file_name, text) for eval_loss and "
                    "bits_per_dim.")
@@ -166,11 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     elif not args.reference_dir:
         skipped["fid"] = "no --reference_dir"
     elif not args.inception_weights:
-        skipped["fid"] = f"no --inception_weights (pass {M.INCEPTION_HINT})"
+        skipped["fid"] = f"no --inception_weights (pass {FID_WEIGHTS_HINT}, or {M.INCEPTION_HINT})"
     else:
         reference = load_reference_images(args.reference_dir, images.shape[1:3])
-        results["fid"] = M.fid(images, reference, M.InceptionFeatures(args.inception_weights))
+        extractor = inception_extractor(args.inception_weights)
+        results["fid"] = M.fid(images, reference, extractor)
         results["fid_reference_images"] = len(reference)
+        results["fid_features"] = ("fid_inception" if isinstance(extractor, FidInceptionFeatures)
+                                   else "torchvision_inception")
 
     # CLIP score
     if images is None:

@@ -164,3 +164,43 @@ def test_extractor_chosen_from_the_file(weights_file, tmp_path):
     assert isinstance(inception_extractor(weights_file), FidInceptionFeatures)
     assert isinstance(inception_extractor(tv), InceptionFeatures)
     assert os.path.isfile(weights_file)
+
+
+@pytest.mark.parametrize("kind", ["fid_inception", "torchvision_inception"])
+def test_evaluate_takes_either_weights_file(kind, weights_file, image_sets, tmp_path, monkeypatch):
+    """eval.evaluate --inception_weights: the extractor is chosen from the file (the standard FID weights go
+    through pytorch-fid's graph, tested equal to pytorch-fid above; torchvision's through eval.metrics), handed
+    to eval.metrics.fid with the samples and the reference images, and the result says which features it used."""
+    import json
+
+    import eval.metrics as M
+    from eval.evaluate import main
+    from xla_diffusion.cli import run_cli
+    from xla_diffusion.sample_files import write_samples
+
+    a, _, (_, dir_b) = image_sets
+    write_samples(str(tmp_path / "samples"), a, [{"text": f"p{i}", "file_name": f"images/{i:05d}.png",
+                                                   "prompt_index": i} for i in range(len(a))])
+    if kind == "fid_inception":
+        path = weights_file
+    else:
+        from torchvision.models import inception_v3
+
+        path = str(tmp_path / "inception_v3_google.pth")
+        torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
+    seen = {}
+
+    def fake_fid(images, reference, extractor):  # the 2048-d Fréchet distance itself is tested above (slow)
+        seen.update(images=images, reference=reference, extractor=extractor)
+        return 1.5
+
+    monkeypatch.setattr(M, "fid", fake_fid)
+    out = tmp_path / "scores.json"
+    assert run_cli(main, ["--pipeline", "unused", "--samples", str(tmp_path / "samples"), "--reference_dir", dir_b,
+                          "--inception_weights", path, "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert (metrics["fid"], metrics["fid_features"], metrics["fid_reference_images"]) == (1.5, kind, 5)
+    expected = FidInceptionFeatures if kind == "fid_inception" else InceptionFeatures
+    assert type(seen["extractor"]) is expected
+    np.testing.assert_array_equal(seen["images"], a)
+    assert seen["reference"].shape == (5, 32, 32, 3)
