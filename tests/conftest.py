@@ -27,7 +27,7 @@ if ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
-from tests.helpers import TrainRuns  # noqa: E402
+from tests.helpers import HUB_TOKEN, TrainRuns  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +49,20 @@ def shapes_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def train_runs(tiny_pipeline, shapes_dir, tmp_path_factory) -> TrainRuns:
+def session_hub():
+    """A loopback stand-in for the HF hub (tests/hub_server.py) that the session's bf16 run pushes to."""
+    from tests.hub_server import HubServer
+
+    with HubServer(HUB_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def train_runs(tiny_pipeline, shapes_dir, session_hub, tmp_path_factory) -> TrainRuns:
     """The session's end-to-end trainer runs, started together (each compiles ~2 graphs of ~25 s, so they
     share the two cores instead of queueing) and shared by every test that inspects them."""
-    runs = TrainRuns(tiny_pipeline, os.path.join(shapes_dir, "train"), str(tmp_path_factory.mktemp("runs")))
+    runs = TrainRuns(tiny_pipeline, os.path.join(shapes_dir, "train"), str(tmp_path_factory.mktemp("runs")),
+                     session_hub.endpoint)
     runs.start_all()
     yield runs
     runs.kill_all()

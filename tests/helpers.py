@@ -19,14 +19,15 @@ def cli_env(num_devices: int = 4) -> dict[str, str]:
     return env
 
 
-def start_cli(args: list[str], log_prefix: str, num_devices: int = 4, script: str = SCRIPT) -> subprocess.Popen:
+def start_cli(args: list[str], log_prefix: str, num_devices: int = 4, script: str = SCRIPT,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the CLI with stdout/stderr going to `<log_prefix>.out/.err` (files, not pipes: several runs
-    go at once and a full pipe would stall one)."""
+    go at once and a full pipe would stall one); `env` adds to or overrides `cli_env`."""
     os.makedirs(os.path.dirname(log_prefix), exist_ok=True)
     with open(log_prefix + ".out", "w") as out, open(log_prefix + ".err", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, script, *args], env=cli_env(num_devices), cwd=ROOT, stdout=out, stderr=err,
-            stdin=subprocess.DEVNULL,
+            [sys.executable, script, *args], env={**cli_env(num_devices), **(env or {})}, cwd=ROOT, stdout=out,
+            stderr=err, stdin=subprocess.DEVNULL,
         )
     proc.log_prefix = log_prefix  # type: ignore[attr-defined]
     return proc
@@ -65,13 +66,29 @@ EVAL_LOOP_ARGS = [
     "--prediction_type", "v_prediction",
     # validation, eval and export then use the moving average (swapped in, no extra step compilation)
     "--use_ema", "--ema_decay", "0.9",
+    # TensorBoard and wandb (offline: WANDB_MODE, set by conftest) get the metrics, images and config
+    "--report_to", "all", "--tracker_project_name", "evalloop-project",
 ]
+
+# The 4-device / 1-device pair trains the clean latents (x0) with min-SNR, offset noise and input perturbation:
+# the host-drawn offset and perturbation batches must be sharded like the rest for the two meshes to agree.
+FP32_ARGS = [
+    "--mixed_precision", "no", "--prediction_type", "sample", "--snr_gamma", "5.0", "--noise_offset", "0.1",
+    "--input_perturbation", "0.1",
+]
+
+# The token of the session's loopback hub (tests/hub_server.py); tests grep every output of the bf16 run for it.
+HUB_TOKEN = "hf_SessionLoopbackTokenNeverToBeWritten7"
+HUB_REPO = "test-user/tiny-bf16"
 
 
 # bf16 with warm-up + cosine to a final lr of 2.5e-6, where `1 - lr * weight_decay` rounds to 1.0f: with
 # Python-float optimizer scalars that step compiled a third graph.
 BF16_ARGS = [
-    "--mixed_precision", "bf16", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--learning_rate", "5e-5"
+    "--mixed_precision", "bf16", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--learning_rate", "5e-5",
+    # P2 weighting in the step graph (no extra compilation); the export is pushed to the loopback hub, with every
+    # tracker on so that the token can be looked for in all of their files
+    "--p2_gamma", "1.0", "--report_to", "all", "--push_to_hub", "--hub_model_id", HUB_REPO, "--hub_token", HUB_TOKEN,
 ]
 
 
@@ -79,18 +96,21 @@ BF16_ARGS = [
 class TrainRuns:
     """The end-to-end runs of the session:
 
-    - `fp32_4dev` / `fp32_1dev`: 3 fp32 steps, v-prediction + min-SNR, same seed and data, on a 4-device and
-      a 1-device mesh (the equivalence pair);
-    - `bf16`: 10 bf16 steps on 4 devices with a warm-up + cosine lr schedule, logging every step, exported
-      (compile count, export tests);
+    - `fp32_4dev` / `fp32_1dev`: 3 fp32 steps, sample (x0) prediction + min-SNR + offset noise + input
+      perturbation, same seed and data, on a 4-device and a 1-device mesh (the equivalence pair);
+    - `bf16`: 10 bf16 steps on 4 devices with a warm-up + cosine lr schedule and P2 weighting, logging every
+      step, exported and pushed to the session's loopback hub (`hub_endpoint`) with TensorBoard and wandb on
+      (compile count, export, push and token tests);
     - `bound`: like bf16 but --max_compilations 1, which must stop at the second graph;
     - `evalloop`: 4 fp32 steps with an EMA of the weights, the validation loss (a quarter of the data held
-      out) and validation samples (3 prompts: a padded batch) every 2 steps (in-loop evaluation tests).
+      out) and validation samples (3 prompts: a padded batch) every 2 steps, reported to TensorBoard and wandb
+      (in-loop evaluation, tracker and model card tests).
     """
 
     pipeline: str
     data_dir: str
     root: str
+    hub_endpoint: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     results: dict[str, Finished] = field(default_factory=dict)
 
@@ -108,10 +128,10 @@ class TrainRuns:
         ]
 
     def start_all(self) -> None:
-        fp32 = ["--mixed_precision", "no", "--prediction_type", "v_prediction", "--snr_gamma", "5.0"]
-        self.procs["fp32_4dev"] = start_cli(self.common("fp32_4dev", 3) + fp32, self.log("fp32_4dev"), 4)
-        self.procs["fp32_1dev"] = start_cli(self.common("fp32_1dev", 3) + fp32, self.log("fp32_1dev"), 1)
-        self.procs["bf16"] = start_cli(self.common("bf16", 10) + BF16_ARGS, self.log("bf16"), 4)
+        self.procs["fp32_4dev"] = start_cli(self.common("fp32_4dev", 3) + FP32_ARGS, self.log("fp32_4dev"), 4)
+        self.procs["fp32_1dev"] = start_cli(self.common("fp32_1dev", 3) + FP32_ARGS, self.log("fp32_1dev"), 1)
+        hub_env = {"HF_ENDPOINT": self.hub_endpoint, "HF_HUB_OFFLINE": "0"}  # the loopback hub only
+        self.procs["bf16"] = start_cli(self.common("bf16", 10) + BF16_ARGS, self.log("bf16"), 4, env=hub_env)
         self.procs["bound"] = start_cli(
             self.common("bound", 4) + ["--mixed_precision", "bf16", "--max_compilations", "1"], self.log("bound"), 4
         )

@@ -131,6 +131,18 @@ def _wandb_records(out: str) -> tuple[str, list[dict]]:
     return os.path.dirname(run_file), [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
 
+def _wandb_config(records: list[dict]) -> dict:
+    """The run's config as its run file holds it (wandb's own key `_wandb` left out)."""
+    config: dict = {}
+    for r in records:
+        if r["type"] == "run":
+            config.update(r["run"]["config"]["update"])
+        elif r["type"] == "config":
+            config.update(r["config"].get("update", {}))
+    config.pop("_wandb", None)
+    return config
+
+
 def test_wandb_offline_run_read_back(all_run):
     run_dir, records = _wandb_records(all_run)
     history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
@@ -143,13 +155,7 @@ def test_wandb_offline_run_read_back(all_run):
     assert "validation_dir" not in history[10]
 
     # The config is the run's config, without the token.
-    config: dict = {}
-    for r in records:
-        if r["type"] == "run":
-            config.update(r["run"]["config"]["update"])
-        elif r["type"] == "config":
-            config.update(r["config"].get("update", {}))
-    config.pop("_wandb", None)
+    config = _wandb_config(records)
     assert config == {k: v for k, v in CONFIG.items() if k != "hub_token"}
 
     # Images: the row points at media files that decode to the logged pixels, captions attached.

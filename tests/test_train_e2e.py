@@ -26,7 +26,8 @@ def _unet_weights(folder: str) -> dict[str, torch.Tensor]:
 
 
 def test_four_device_mesh_equals_one_device(train_runs):
-    """Same seed, data, noise and timesteps: 3 fp32 steps on a 4-device and a 1-device mesh agree."""
+    """Same seed, data, noise, timesteps, offset and perturbation draws: 3 fp32 steps on a 4-device and a
+    1-device mesh agree."""
     four, one = train_runs.succeeded("fp32_4dev"), train_runs.succeeded("fp32_1dev")
     m4, m1 = read_metrics(four), read_metrics(one)
     assert [m["step"] for m in m4] == [m["step"] for m in m1] == [1, 2, 3]
@@ -41,10 +42,12 @@ def test_four_device_mesh_equals_one_device(train_runs):
     moved = torch.sqrt(sum(((w1[k] - w0[k]) ** 2).sum() for k in w1)) / norm
     assert moved > 100 * (diff / norm)
     summary = _summary(four)
-    assert summary["mesh"] == {"data": 4, "fsdp": 1} and summary["prediction_type"] == "v_prediction"
-    # the exported scheduler samples with the trained objective, not the checkpoint's original one
+    assert summary["mesh"] == {"data": 4, "fsdp": 1} and summary["prediction_type"] == "sample"
+    # offset noise and input perturbation are in the one step graph: first step + steady state
+    assert summary["compilations"] == 2
+    # the exported scheduler samples with the trained objective (x0), not the checkpoint's original one
     with open(os.path.join(four, "scheduler", "scheduler_config.json")) as f:
-        assert json.load(f)["prediction_type"] == "v_prediction"
+        assert json.load(f)["prediction_type"] == "sample"
     assert _summary(one)["num_devices"] == 1
 
 
