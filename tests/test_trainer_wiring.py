@@ -123,3 +123,42 @@ def test_failed_push_is_one_line_exit_1_and_the_export_stays(tmp_path, hub_onlin
     assert f'from_pretrained("{REPO}")' in card and TOKEN not in card
     assert after == {**before, "validation_grid.png": after["validation_grid.png"]}  # the export is intact
     assert server.repos == {}
+
+
+def test_non_ema_revision_loads_the_trained_unet(tiny_pipeline, monkeypatch):
+    """--non_ema_revision: the UNet to train comes from that revision, the other parts from --revision (a local
+    folder has no revisions, so the loader's arguments are what is checked)."""
+    import diffusers
+    import transformers
+
+    from xla_diffusion.trainer import load_training_models
+
+    seen = {}
+    for cls in (diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, transformers.CLIPTextModel):
+        original = cls.from_pretrained.__func__
+
+        def record(klass, *args, _original=original, **kwargs):
+            seen[klass.__name__] = kwargs.get("revision")
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(record))
+    cfg = parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", "/data/train",
+                      "--revision", "main", "--non_ema_revision", "non-ema"])
+    models = load_training_models(cfg, latents=None)
+    assert models.unet is not None
+    assert seen == {"UNet2DConditionModel": "non-ema", "AutoencoderKL": "main", "CLIPTextModel": "main"}
+
+
+def test_data_flags_reach_the_reader():
+    from torchvision import transforms
+
+    from xla_diffusion.data.config import DataConfig
+    from xla_diffusion.data.images import image_transform
+
+    cfg = parse_args(BASE + ["--image_interpolation_mode", "lanczos", "--loader_prefetch_factor", "6",
+                             "--noise_offset", "0.05"])
+    data = DataConfig.from_train_config(cfg, torch.float32)
+    assert (data.interpolation, data.prefetch_factor, data.extra_draws) == ("lanczos", 6, ("offset_draw",))
+    resize = image_transform(64, True, False, data.interpolation).transforms[0]
+    assert resize.interpolation == transforms.InterpolationMode.LANCZOS
+    assert DataConfig.from_train_config(parse_args(BASE), torch.float32).interpolation == "bilinear"
