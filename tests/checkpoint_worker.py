@@ -1,0 +1,110 @@
+"""A small training state on the XLA mesh for the checkpoint tests, and the subprocess entry points that
+need a runtime of their own (another device count, or two processes).
+
+The state is what the trainer checkpoints, at toy size: a 2-layer MLP with fp32 weights, the trainer's
+AdamW (capturable, device lr tensor), EMA shadows, and per-step host-drawn batches. The first weight is
+split over the mesh's `data` axis so that a save writes real shards and a restore on another device count
+reshards them.
+
+    python -m tests.checkpoint_worker restore OUTPUT_DIR OUT.pt      # restore the latest checkpoint, dump it
+    python -m tests.checkpoint_worker twoproc RANK PORT OUTPUT_DIR OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from xla_diffusion import checkpoint, runtime
+from xla_diffusion.ema import EmaWeights
+from xla_diffusion.train_step import make_optimizer
+
+FINGERPRINT = {"model": "mlp-8-16-4", "seed": 0, "train_batch_size": 32, "resolution": [8]}
+
+
+def build(rt: runtime.Runtime, seed: int, hidden: int = 16):
+    """(model, optimizer, ema) placed on the mesh; weights from `seed`. Nothing here compiles: weights and
+    shadows are host-to-device transfers."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 4)).to(rt.device)
+    if rt.num_devices > 1:
+        import torch_xla.distributed.spmd as xs
+
+        xs.mark_sharding(model[0].weight, rt.mesh, ("data", None))  # (hidden, 8): rows split over devices
+    opt = make_optimizer(model, 1e-2, (0.9, 0.999), 1e-2, 1e-8)
+    ema = EmaWeights(list(model.parameters()), 0.99)
+    return model, opt, ema
+
+
+def train_step(rt: runtime.Runtime, model, opt, ema: EmaWeights, update: int) -> None:
+    """Optimizer update number `update` (1-based) on a batch drawn from `update`, then the EMA update: one
+    graph, cut here."""
+    g = torch.Generator().manual_seed(1000 + update)
+    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
+    ema.set_update(update)
+    loss = torch.nn.functional.mse_loss(model(x.to(rt.device)), y.to(rt.device))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update()
+    runtime.sync()
+
+
+def state(model, opt, ema: EmaWeights) -> dict:
+    return checkpoint.training_state(model, opt, ema.shadow)
+
+
+def host_snapshot(model, opt, ema: EmaWeights) -> dict[str, torch.Tensor]:
+    """Host copies of every checkpointed tensor, by dotted name (gathers shards: test use only)."""
+    return {k: v.cpu().clone() for k, v in checkpoint._flat_tensors(state(model, opt, ema)).items()}
+
+
+def _restore(output_dir: str, out: str) -> None:
+    rt = runtime.init_runtime()
+    model, opt, ema = build(rt, seed=123)
+    checkpoint.prime_optimizer(opt)
+    before = runtime.compile_count()
+    found = checkpoint.latest_complete(output_dir)
+    host = checkpoint.Checkpointer(output_dir).restore(found, state(model, opt, ema), FINGERPRINT)
+    torch.save({"tensors": host_snapshot(model, opt, ema), "host": host, "num_devices": rt.num_devices,
+                "restore_compiles": runtime.compile_count() - before}, out)
+
+
+def _twoproc(rank: int, port: int, output_dir: str, out: str) -> None:
+    """One of two processes, each its own SPMD job (torch_xla cannot join CPU processes into one), joined
+    by a gloo group: a collective save, then a collective restore into fresh tensors."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rt = runtime.init_runtime()
+    model, opt, ema = build(rt, seed=0)
+    for update in (1, 2):
+        train_step(rt, model, opt, ema, update)
+    saved = host_snapshot(model, opt, ema)
+    ckpt = checkpoint.Checkpointer(output_dir, total_limit=1)
+    path = ckpt.save(2, state(model, opt, ema), {"process": rank, "data_position": 10 * (rank + 1)}, FINGERPRINT)
+    ckpt.wait()
+    model2, opt2, ema2 = build(rt, seed=7)
+    checkpoint.prime_optimizer(opt2)
+    host = ckpt.restore(checkpoint.latest_complete(output_dir), state(model2, opt2, ema2), FINGERPRINT)
+    restored = host_snapshot(model2, opt2, ema2)
+    ckpt.close()
+    equal = sorted(k for k in saved if torch.equal(saved[k], restored[k]))
+    with open(out, "w") as f:
+        json.dump({"path": path, "host": host, "equal": equal, "keys": sorted(saved),
+                   "process_count": ckpt.process_count, "process_index": ckpt.process_index}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PJRT_DEVICE", "CPU")
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "restore":
+        _restore(*args)
+    elif mode == "twoproc":
+        _twoproc(int(args[0]), int(args[1]), args[2], args[3])
+    else:
+        raise SystemExit(f"unknown mode {mode}")
