@@ -68,7 +68,7 @@ def _restore(output_dir: str, out: str) -> None:
     checkpoint.prime_optimizer(opt)
     before = runtime.compile_count()
     found = checkpoint.latest_complete(output_dir)
-    host = checkpoint.Checkpointer(output_dir).restore(found, state(model, opt, ema), FINGERPRINT)
+    host = checkpoint.Checkpointer(output_dir, mesh=rt.mesh).restore(found, state(model, opt, ema), FINGERPRINT)
     torch.save({"tensors": host_snapshot(model, opt, ema), "host": host, "num_devices": rt.num_devices,
                 "restore_compiles": runtime.compile_count() - before}, out)
 
@@ -84,7 +84,7 @@ def _twoproc(rank: int, port: int, output_dir: str, out: str) -> None:
     for update in (1, 2):
         train_step(rt, model, opt, ema, update)
     saved = host_snapshot(model, opt, ema)
-    ckpt = checkpoint.Checkpointer(output_dir, total_limit=1)
+    ckpt = checkpoint.Checkpointer(output_dir, total_limit=1, mesh=rt.mesh)
     path = ckpt.save(2, state(model, opt, ema), {"process": rank, "data_position": 10 * (rank + 1)}, FINGERPRINT)
     ckpt.wait()
     model2, opt2, ema2 = build(rt, seed=7)

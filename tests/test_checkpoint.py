@@ -48,7 +48,7 @@ def ref(tmp_path_factory):
         train_step(rt, model, opt, ema, update)
     torch.randn(5, generator=g)
     snap2, host2 = host_snapshot(model, opt, ema), _host_state(2, g)
-    ckpt = Checkpointer(out)
+    ckpt = Checkpointer(out, mesh=rt.mesh)
     before = runtime.compile_count()
     t0 = time.perf_counter()
     path2 = ckpt.save(2, state(model, opt, ema), host2, FINGERPRINT)
@@ -96,7 +96,8 @@ def test_restore_is_bitwise_and_training_continues_bitwise(ref):
     model, opt, ema = build(ref.rt, seed=99)
     before = runtime.compile_count()
     checkpoint.prime_optimizer(opt)
-    host = Checkpointer(ref.out).restore(checkpoint.step_dir(ref.out, 2), state(model, opt, ema), FINGERPRINT)
+    host = Checkpointer(ref.out, mesh=ref.rt.mesh).restore(checkpoint.step_dir(ref.out, 2), state(model, opt, ema),
+                                                           FINGERPRINT)
     assert runtime.compile_count() == before, "priming or restoring compiled a graph"
     _assert_bitwise(ref.snap2, host_snapshot(model, opt, ema))
     assert host == ref.host2
@@ -168,7 +169,7 @@ def test_damaged_newest_is_skipped_with_one_warning(ref, tmp_path, caplog, how):
     # the fallback restores fine
     model, opt, ema = build(ref.rt, seed=5)
     checkpoint.prime_optimizer(opt)
-    Checkpointer(out).restore(found, state(model, opt, ema), FINGERPRINT)
+    Checkpointer(out, mesh=ref.rt.mesh).restore(found, state(model, opt, ema), FINGERPRINT)
     _assert_bitwise(ref.snap2, host_snapshot(model, opt, ema))
 
 
@@ -265,6 +266,25 @@ def test_resume_resolution_and_bad_paths(ref, tmp_path, caplog):
     prime = SimpleNamespace()
     with pytest.raises(TypeError):
         checkpoint.prime_optimizer(prime)
+
+
+def test_same_devices_other_mesh_layout_reshards(ref):
+    """The 4-device checkpoint restored on a (data 2, fsdp 2) mesh: the tensors keep the new run's shardings
+    (not the saved ones) and hold the saved values."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "fsdp"))
+    model, opt, ema = build(SimpleNamespace(device=ref.rt.device, mesh=mesh, num_devices=4), seed=5)
+    checkpoint.prime_optimizer(opt)
+    specs = {k: runtime.sharding_spec_string(t) for k, t in checkpoint._flat_tensors(state(model, opt, ema)).items()}
+    assert specs["module.0.weight"] == "{devices=[2,1,2]0,1,2,3 last_tile_dim_replicate}"
+    before = runtime.compile_count()
+    Checkpointer(ref.out, mesh=mesh).restore(checkpoint.step_dir(ref.out, 4), state(model, opt, ema), FINGERPRINT)
+    assert runtime.compile_count() == before
+    after = {k: runtime.sharding_spec_string(t) for k, t in checkpoint._flat_tensors(state(model, opt, ema)).items()}
+    assert after == specs
+    _assert_bitwise(ref.snap4, host_snapshot(model, opt, ema))
 
 
 def test_four_device_checkpoint_restores_on_one_device(ref, tmp_path):

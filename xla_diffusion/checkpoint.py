@@ -349,6 +349,9 @@ class Checkpointer:
     always counts, so retention never removes the only complete checkpoint.
     `process_group`: a gloo group over all processes (default: `runtime.checkpoint_process_group()`).
     `asynchronous`: write in a background thread (the caller is blocked only for the host copy).
+    `mesh`: the training mesh. A restore on an identical mesh gives every tensor back the sharding it had when
+    saved (bitwise-exact resume); on another mesh (other device count, shape or axes) tensors keep the
+    shardings the new run gave them and the load reshards.
     """
 
     def __init__(
@@ -357,6 +360,7 @@ class Checkpointer:
         total_limit: int | None = None,
         process_group: object | None = None,
         asynchronous: bool = True,
+        mesh: object | None = None,
     ):
         import torch.distributed as dist
 
@@ -366,6 +370,7 @@ class Checkpointer:
         self.root = checkpoints_root(output_dir)
         self.total_limit = total_limit or None
         self.asynchronous = asynchronous
+        self.mesh_description = runtime.describe_mesh(mesh)
         self.group = process_group if process_group is not None else runtime.checkpoint_process_group()
         self.process_index = dist.get_rank(self.group)
         self.process_count = dist.get_world_size(self.group)
@@ -399,10 +404,10 @@ class Checkpointer:
             )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"the host state of step {step} is not JSON: {_one_line(e)}") from None
-        # The device layout of every tensor, restored with it on the same device count: after a step, GSPMD's
+        # The device layout of every tensor, restored with it on the same mesh: after a step, GSPMD's
         # propagation may have re-sharded tensors that were never annotated, and a resumed step only runs
         # the very graph of an uninterrupted one (same numerics, no new compilation) on the same layout.
-        layout = {"num_devices": runtime.global_device_count(),
+        layout = {"mesh": self.mesh_description,
                   "shardings": {k: runtime.sharding_spec_string(t) for k, t in _flat_tensors(state).items()}}
         t0 = time.perf_counter()
         host = runtime.host_copy_for_checkpoint(dict(state))
@@ -563,8 +568,8 @@ class Checkpointer:
         checkpoint of another model). Collective: every process calls it.
 
         The tensors keep their Python identity (optimizer and EMA references stay valid); their data is
-        replaced. On the device count the checkpoint was written on, each tensor gets back the sharding it
-        had when saved; on another device count it keeps its current one and the load reshards. Tiled
+        replaced. On the mesh the checkpoint was written on, each tensor gets back the sharding it had when
+        saved; on another mesh it keeps its current one and the load reshards. Tiled
         tensors are read shard by shard into device memory; unsharded and replicated ones are read into host
         memory, then transferred. Nothing is compiled.
         """
@@ -587,8 +592,7 @@ class Checkpointer:
             tensors = _flat_tensors(state)
             self._check_tensors(path, _read_dcp_metadata(path), tensors)
             layout = marker.get("layout") or {}
-            same_devices = layout.get("num_devices") == runtime.global_device_count()
-            saved_specs = layout.get("shardings", {}) if same_devices else {}
+            saved_specs = layout.get("shardings", {}) if layout.get("mesh") == self.mesh_description else {}
             targets, specs = {}, {}
             for key, t in tensors.items():
                 current = runtime.sharding_spec_string(t)

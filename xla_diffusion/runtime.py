@@ -256,3 +256,13 @@ def quiet_checkpoint_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The function definition for SavePlanner\.set_up_planner")
     warnings.filterwarnings("ignore", message=r"Using a non-tuple sequence for multidimensional indexing")
     warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
+
+
+def describe_mesh(mesh: object | None) -> dict:
+    """A JSON-able identity of a device mesh (device count, shape, axis names, device order): two runs
+    with equal descriptions lay tensors out on the same devices in the same way. None: device count only."""
+    desc: dict = {"num_devices": global_device_count()}
+    if mesh is not None:
+        desc.update(shape=[int(n) for n in mesh.mesh_shape], axes=[str(a) for a in mesh.axis_names],
+                    device_ids=[int(i) for i in np.asarray(mesh.device_ids).ravel()])
+    return desc
