@@ -92,14 +92,17 @@ class CheckpointInfo:
 
 
 def list_checkpoints(output_dir: str) -> list[CheckpointInfo]:
-    """Every `step_XXXXXXXX` directory under `OUTPUT_DIR/checkpoints`, complete or not, by ascending step."""
+    """Every `step_XXXXXXXX` directory under `OUTPUT_DIR/checkpoints`, complete or not, by ascending step.
+    CheckpointError (one line) when the store cannot be listed."""
     root = checkpoints_root(output_dir)
-    fs, p = fsio.url_to_fs(root)
-    fs.invalidate_cache(p)  # other processes (or a previous run) wrote here since this process last listed it
-    if not fs.exists(p):
-        return []
+    try:
+        fs, p = fsio.url_to_fs(root)
+        fs.invalidate_cache(p)  # other processes (or a previous run) wrote here since this process last listed it
+        entries = fs.ls(p, detail=False) if fs.exists(p) else []
+    except Exception as e:
+        raise CheckpointError(f"cannot list checkpoints under {root}: {_one_line(e)}") from None
     found = []
-    for entry in fs.ls(p, detail=False):
+    for entry in entries:
         m = _STEP_DIR.match(os.path.basename(entry.rstrip("/")))
         if m:
             found.append(CheckpointInfo(fsio.join(root, m.group(0)), int(m.group(1))))
@@ -192,10 +195,14 @@ def find_resume_checkpoint(output_dir: str, resume_from: str | None) -> Checkpoi
             log.info("no complete checkpoint under %s: starting a new run", checkpoints_root(output_dir))
         return found
     path = resume_from.rstrip("/")
-    if not fsio.exists(path) and _STEP_DIR.match(path) and fsio.exists(fsio.join(checkpoints_root(output_dir), path)):
-        path = fsio.join(checkpoints_root(output_dir), path)
+    try:
+        if not fsio.exists(path) and _STEP_DIR.match(path):  # a bare name: look under OUTPUT_DIR/checkpoints
+            path = fsio.join(checkpoints_root(output_dir), path)
+        exists = fsio.exists(path)
+    except Exception as e:
+        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: cannot read it: {_one_line(e)}") from None
     m = _STEP_DIR.match(os.path.basename(path))
-    if not fsio.exists(path):
+    if not exists:
         raise CheckpointError(f"--resume_from_checkpoint {resume_from}: no such checkpoint")
     if m is None:
         raise CheckpointError(f"--resume_from_checkpoint {resume_from}: not a step_XXXXXXXX checkpoint directory")
@@ -488,10 +495,8 @@ class Checkpointer:
 
     def _agree(self, error: str | None) -> None:
         """Collective: raise CheckpointError with the first process's error if any process has one."""
-        import torch.distributed as dist
-
         errors: list[str | None] = [None] * self.process_count
-        dist.all_gather_object(errors, error, group=self.group)
+        self._all_gather(errors, error)
         first = next((e for e in errors if e), None)
         if first:
             raise CheckpointError(first)
@@ -569,29 +574,30 @@ class Checkpointer:
 
         The tensors keep their Python identity (optimizer and EMA references stay valid); their data is
         replaced. On the mesh the checkpoint was written on, each tensor gets back the sharding it had when
-        saved; on another mesh it keeps its current one and the load reshards. Tiled
-        tensors are read shard by shard into device memory; unsharded and replicated ones are read into host
-        memory, then transferred. Nothing is compiled.
+        saved; on another mesh it keeps its current one and the load reshards. Tiled tensors are read shard
+        by shard into device memory; unsharded and replicated ones are read into host memory, then
+        transferred. Nothing is compiled. If the load itself fails, the tensors' contents are undefined:
+        stop the run.
         """
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         path = checkpoint.path if isinstance(checkpoint, CheckpointInfo) else checkpoint
-        reason = verify(path)
-        if reason is not None:
-            raise CheckpointError(f"cannot restore {path}: {reason}")
+        # Every check runs on every process and they agree before the collective load, so a problem seen by
+        # one process (a failed read, another checkpoint chosen) stops all of them with its error line
+        # instead of leaving the others waiting in the load.
+        error, host, layout = None, {}, {}
         try:
-            marker = json.loads(fsio.read_bytes(fsio.join(path, MARKER)).decode("utf-8"))
-            check_fingerprint(path, marker.get("fingerprint", {}), fingerprint)
-            if int(marker["process_count"]) != self.process_count:
-                raise CheckpointError(
-                    f"checkpoint {path} was written by {marker['process_count']} processes and this run has "
-                    f"{self.process_count}: the per-process data positions and random streams do not carry over"
-                )
-            host = json.loads(fsio.read_bytes(fsio.join(path, host_state_name(self.process_index))).decode("utf-8"))
+            host, layout = self._check_restore(path, state, fingerprint)
+        except CheckpointError as e:
+            error = str(e)
+        paths: list[str | None] = [None] * self.process_count
+        self._all_gather(paths, path)
+        if error is None and len(set(paths)) > 1:
+            error = f"the processes chose different checkpoints to restore: {sorted(set(paths))}"
+        self._agree(error)
+        try:
             tensors = _flat_tensors(state)
-            self._check_tensors(path, _read_dcp_metadata(path), tensors)
-            layout = marker.get("layout") or {}
             saved_specs = layout.get("shardings", {}) if layout.get("mesh") == self.mesh_description else {}
             targets, specs = {}, {}
             for key, t in tensors.items():
@@ -607,17 +613,41 @@ class Checkpointer:
                      process_group=self.group)
             for key, t in tensors.items():
                 target = targets[key]
-                if target is t:
-                    continue
-                t.data = target if target.device == t.device else self._placed(target, t, specs[key], specs, key)
+                if target is not t:
+                    t.data = target if target.device == t.device else self._placed(target, t, specs[key], specs, key)
             runtime.sync()
-        except CheckpointError:
-            raise
-        except BaseException as e:  # noqa: B036
+        except BaseException as e:  # noqa: B036  (torch's CheckpointException derives from BaseException)
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             raise CheckpointError(f"cannot restore {path}: {_one_line(e)}") from None
         return host["state"]
+
+    def _check_restore(self, path: str, state: Mapping[str, Any],
+                       fingerprint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This process's checks before a restore; returns (its host-state file, the saved layout)."""
+        reason = verify(path)
+        if reason is not None:
+            raise CheckpointError(f"cannot restore {path}: {reason}")
+        try:
+            marker = json.loads(fsio.read_bytes(fsio.join(path, MARKER)).decode("utf-8"))
+            check_fingerprint(path, marker.get("fingerprint", {}), fingerprint)
+            if int(marker["process_count"]) != self.process_count:
+                raise CheckpointError(
+                    f"checkpoint {path} was written by {marker['process_count']} processes and this run has "
+                    f"{self.process_count}: the per-process data positions and random streams do not carry over"
+                )
+            host = json.loads(fsio.read_bytes(fsio.join(path, host_state_name(self.process_index))).decode("utf-8"))
+            self._check_tensors(path, _read_dcp_metadata(path), _flat_tensors(state))
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot restore {path}: {_one_line(e)}") from None
+        return host, marker.get("layout") or {}
+
+    def _all_gather(self, out: list, value: Any) -> None:
+        import torch.distributed as dist
+
+        dist.all_gather_object(out, value, group=self.group)
 
     @staticmethod
     def _placed(host: torch.Tensor, like: torch.Tensor, spec: str, specs: dict[str, str], key: str) -> torch.Tensor:
