@@ -59,7 +59,7 @@ def state(model, opt, ema: EmaWeights) -> dict:
 
 def host_snapshot(model, opt, ema: EmaWeights) -> dict[str, torch.Tensor]:
     """Host copies of every checkpointed tensor, by dotted name (gathers shards: test use only)."""
-    return {k: v.cpu().clone() for k, v in checkpoint._flat_tensors(state(model, opt, ema)).items()}
+    return {k: v.cpu().clone() for k, v in checkpoint.flat_tensors(state(model, opt, ema)).items()}
 
 
 def _restore(output_dir: str, out: str) -> None:

@@ -106,9 +106,9 @@ def test_restore_is_bitwise_and_training_continues_bitwise(ref):
     torch.randn(5, generator=expected)
     assert torch.equal(torch.randn(7, generator=g), torch.randn(7, generator=expected))
     # the tensors were restored with the shardings they had when saved (GSPMD re-sharded some in step 1)
-    for key, t in checkpoint._flat_tensors(state(model, opt, ema)).items():
+    for key, t in checkpoint.flat_tensors(state(model, opt, ema)).items():
         assert runtime.sharding_spec_string(t) == runtime.sharding_spec_string(
-            checkpoint._flat_tensors(state(ref.model, ref.opt, ref.ema))[key]), key
+            checkpoint.flat_tensors(state(ref.model, ref.opt, ref.ema))[key]), key
     before = runtime.compile_count()
     for update in (3, 4):
         train_step(ref.rt, model, opt, ema, update)
@@ -277,12 +277,12 @@ def test_same_devices_other_mesh_layout_reshards(ref):
     mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "fsdp"))
     model, opt, ema = build(SimpleNamespace(device=ref.rt.device, mesh=mesh, num_devices=4), seed=5)
     checkpoint.prime_optimizer(opt)
-    specs = {k: runtime.sharding_spec_string(t) for k, t in checkpoint._flat_tensors(state(model, opt, ema)).items()}
+    specs = {k: runtime.sharding_spec_string(t) for k, t in checkpoint.flat_tensors(state(model, opt, ema)).items()}
     assert specs["module.0.weight"] == "{devices=[2,1,2]0,1,2,3 last_tile_dim_replicate}"
     before = runtime.compile_count()
     Checkpointer(ref.out, mesh=mesh).restore(checkpoint.step_dir(ref.out, 4), state(model, opt, ema), FINGERPRINT)
     assert runtime.compile_count() == before
-    after = {k: runtime.sharding_spec_string(t) for k, t in checkpoint._flat_tensors(state(model, opt, ema)).items()}
+    after = {k: runtime.sharding_spec_string(t) for k, t in checkpoint.flat_tensors(state(model, opt, ema)).items()}
     assert after == specs
     _assert_bitwise(ref.snap4, host_snapshot(model, opt, ema))
 

@@ -281,13 +281,13 @@ def training_state(
     return state
 
 
-def _flat_tensors(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+def flat_tensors(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
     """Flatten nested dicts to dotted keys, as torch.distributed.checkpoint names them in `.metadata`."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flat_tensors(v, key + "."))
+            out.update(flat_tensors(v, key + "."))
         elif isinstance(v, torch.Tensor):
             out[key] = v
         else:
@@ -415,7 +415,7 @@ class Checkpointer:
         # propagation may have re-sharded tensors that were never annotated, and a resumed step only runs
         # the very graph of an uninterrupted one (same numerics, no new compilation) on the same layout.
         layout = {"mesh": self.mesh_description,
-                  "shardings": {k: runtime.sharding_spec_string(t) for k, t in _flat_tensors(state).items()}}
+                  "shardings": {k: runtime.sharding_spec_string(t) for k, t in flat_tensors(state).items()}}
         t0 = time.perf_counter()
         host = runtime.host_copy_for_checkpoint(dict(state))
         stall = time.perf_counter() - t0
@@ -597,7 +597,7 @@ class Checkpointer:
             error = f"the processes chose different checkpoints to restore: {sorted(set(paths))}"
         self._agree(error)
         try:
-            tensors = _flat_tensors(state)
+            tensors = flat_tensors(state)
             saved_specs = layout.get("shardings", {}) if layout.get("mesh") == self.mesh_description else {}
             targets, specs = {}, {}
             for key, t in tensors.items():
@@ -637,7 +637,7 @@ class Checkpointer:
                     f"{self.process_count}: the per-process data positions and random streams do not carry over"
                 )
             host = json.loads(fsio.read_bytes(fsio.join(path, host_state_name(self.process_index))).decode("utf-8"))
-            self._check_tensors(path, _read_dcp_metadata(path), _flat_tensors(state))
+            self._check_tensors(path, _read_dcp_metadata(path), flat_tensors(state))
         except CheckpointError:
             raise
         except Exception as e:
