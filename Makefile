@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.requirements.stamp
 
-.PHONY: venv demo demo-quality test lint bench clean-venv
+.PHONY: venv demo demo-quality test test-fast lint bench clean-venv
 
 # (Re)create the environment when it is missing or requirements.txt changed.
 $(STAMP): requirements.txt
@@ -15,16 +15,22 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m xla_diffusion.demo
+	$(BIN)/python demo.py
 
 # The longer recipe of the demo (see README: accuracy against training minutes).
 demo-quality: $(STAMP)
-	$(BIN)/python -m xla_diffusion.demo --preset quality
+	$(BIN)/python demo.py --preset quality
 
 # pytest exits 5 when it collected no test: that must fail, not pass silently.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The fast tier: no end-to-end trainer run, no XLA step compilation (unit tests, CLI errors that stop before
+# device work, the import rules); a few minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

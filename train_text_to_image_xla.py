@@ -11,24 +11,16 @@ Run the same command on every TPU host (no torchrun):
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from xla_diffusion.config import ConfigError, parse_args
-from xla_diffusion.models import ModelLoadError
-from xla_diffusion.trainer import TooManyCompilations, train
+from xla_diffusion.cli import run_cli
+from xla_diffusion.config import parse_args
+from xla_diffusion.trainer import train
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)  # bad flags exit here, before any device work
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        train(cfg)
-    except (ConfigError, ModelLoadError, TooManyCompilations) as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2 if isinstance(e, ConfigError) else 1
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))  # bad flags exit here with one error line, before any device work
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.latent_step_time import cpu_env  # noqa: E402
+from bench.common import ROOT, command_line, cpu_env  # noqa: E402
 
 
 def run(shards: str, out: str, pipeline: str, device: str, devices: int, batch: int, text: bool) -> dict:
@@ -54,7 +53,7 @@ def main() -> None:
         assert s["samples_written"] == args.num_images, s
         rows.append((device, n, text, s))
         print(f"  {device} x{n} text={text}: {s['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
-    print(f"command: python bench/encode_throughput.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
+    print(command_line())
     print(f"tiny pipeline (VAE f=4, CLIP text 2x32), {args.num_images} images of 64 px in 128-image shards, "
           f"batch {args.batch}, fp32 encoders, bf16 outputs, local disk")
     print()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from bench.latent_step_time import prepare, train_summary  # noqa: E402
+from bench.common import command_line, prepare, train_summary  # noqa: E402
 
 
 def loader_rate(root: str, workers: int, batches: int, batch: int) -> float:
@@ -70,7 +69,7 @@ def main() -> None:
     finally:
         emulator.stop()
     consumption = s["images_per_s"]
-    print(f"command: python bench/latent_loader.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
+    print(command_line())
     print(f"{args.num_images} samples in {len(fsio.list_files(latents, '.tar'))} shards (4x16x16 latents + 16x32 "
           f"text states, bf16); batch {args.batch}; shuffle buffer 1000; {args.batches} batches after the first")
     print()

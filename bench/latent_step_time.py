@@ -9,58 +9,18 @@ warm-up (train_summary.json). Prints a markdown table and the command that made 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def cpu_env(devices: int) -> dict[str, str]:
-    return dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2", NO_ALBUMENTATIONS_UPDATE="1",
-                GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", PYTHONPATH=ROOT)
-
-
-def train_summary(data: str, pipeline: str, out: str, steps: int, warmup: int, batch: int, devices: int) -> dict:
-    """Run the trainer CLI on `data` (image folder or latent dataset) and return its train_summary.json."""
-    cmd = [
-        sys.executable, os.path.join(ROOT, "train_text_to_image_xla.py"),
-        "--pretrained_model_name_or_path", pipeline, "--train_data_dir", data, "--resolution", "64",
-        "--center_crop", "--train_batch_size", str(batch), "--max_train_steps", str(steps),
-        "--timing_warmup_steps", str(warmup), "--logging_steps", str(steps), "--mixed_precision", "bf16",
-        "--output_dir", out,
-    ]
-    subprocess.run(cmd, env=cpu_env(devices), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(out, "train_summary.json")) as f:
-        return json.load(f)
-
-
-def prepare(work: str, num_images: int, devices: int) -> tuple[str, str, str]:
-    """(pipeline, image folder, latent dataset) under `work`; latents encoded on the CPU mesh."""
-    from xla_diffusion.tiny import build_tiny_pipeline
-
-    pipeline = build_tiny_pipeline(os.path.join(work, "pipeline"), seed=0)
-    cmd = [sys.executable, "-m", "data_prep.prepare_shapes", "--output_dir", os.path.join(work, "data"),
-           "--pretrained_model_name_or_path", pipeline, "--num_images", str(num_images), "--samples_per_shard", "64"]
-    subprocess.run(cmd, env=cpu_env(devices), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return pipeline, os.path.join(work, "data", "train"), os.path.join(work, "data", "latents")
+from bench.common import command_line, prepare, train_summary, trainer_parser  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16, help="global batch (one host)")
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--num_images", type=int, default=512)
-    args = p.parse_args()
+    args = trainer_parser(__doc__, devices=4, num_images=512).parse_args()
+    args.devices = args.devices[0]
 
     work = tempfile.mkdtemp(prefix="bench_latent_step_")
     pipeline, images, latents = prepare(work, args.num_images, args.devices)
@@ -71,7 +31,7 @@ def main() -> None:
         rows.append((name, s))
         print(f"  {name}: {s['mean_step_time_s']:.3f} s/step", file=sys.stderr, flush=True)
     base = rows[0][1]["mean_step_time_s"]
-    print(f"command: python bench/latent_step_time.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
+    print(command_line())
     print(f"tiny pipeline, 64 px, global batch {args.batch}, bf16, {args.devices} CPU devices; "
           f"mean of steps {args.warmup + 1}..{args.steps}")
     print()

@@ -25,7 +25,8 @@ from collections import Counter
 from typing import Any
 
 from xla_diffusion import fsio
-from xla_diffusion.config import ConfigError, _OneLineParser
+from xla_diffusion.cli import OneLineParser, run_cli
+from xla_diffusion.errors import ConfigError
 
 INPUT_FORMATS = ("parquet", "csv", "tsv")
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
@@ -33,7 +34,7 @@ DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url_list", required=True, help="parquet/csv/tsv file, or a folder of them (local or gs://)")
     p.add_argument("--output_folder", required=True, help="where the shards go (local or gs://)")
     p.add_argument("--input_format", choices=INPUT_FORMATS, default=None,
@@ -174,16 +175,9 @@ def _run_img2dataset(img2dataset_download: Any, args: argparse.Namespace, fmt: s
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = download(args)
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(download(build_parser().parse_args(argv)), sort_keys=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

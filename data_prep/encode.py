@@ -36,11 +36,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from data_prep.encode_config import EncodeConfig
 from data_prep.encode_input import BatchMaker, LocalBatch, ShardEnd, list_input_shards, shards_for_job
 from data_prep.encode_output import (
     STATS_SUFFIX,
@@ -51,62 +51,13 @@ from data_prep.encode_output import (
     update_manifest_counts,
     write_empty_prompt,
 )
-from xla_diffusion import fsio
-from xla_diffusion.config import ConfigError, _opt, parse_args
+from xla_diffusion import fsio, runtime
+from xla_diffusion.cli import run_cli
+from xla_diffusion.config import parse_args
 from xla_diffusion.data.latents import EMPTY_PROMPT, MANIFEST
+from xla_diffusion.errors import ConfigError
 
 log = logging.getLogger("data_prep.encode")
-
-
-@dataclass(kw_only=True)
-class EncodeConfig:
-    """Encode image shards into latent shards (VAE posterior + text encoder states, bf16)."""
-
-    input_shards: str = _opt(
-        None, "Image shards: a folder (every *.tar in it), a glob, or a brace list like "
-        "'gs://b/images/{00000..00099}.tar'; local or gs://.", required=True,
-    )
-    output_dir: str = _opt(None, "Where the latent shards and manifest.json go (local or gs://).", required=True)
-    pretrained_model_name_or_path: str = _opt(
-        None, "Diffusers pipeline whose VAE and text encoder to run (hub id, folder, gs://).", required=True
-    )
-    revision: str | None = _opt(None, "Revision of the pipeline on the hub.")
-    variant: str | None = _opt(None, "Variant of the model files, e.g. fp16.")
-    cache_dir: str | None = _opt(None, "Where downloaded models are cached.")
-    resolution: int = _opt(512, "Images are resized (shorter side) and center-cropped to this square size.")
-    min_image_size: int | None = _opt(
-        None, "Skip images whose shorter side is below this (default: --resolution, i.e. never upscale)."
-    )
-    batch_size: int = _opt(
-        32, "Images per encoder batch on this process; with several processes the global batch is this times "
-        "their number, sharded over all devices (it must divide evenly)."
-    )
-    no_text_states: bool = _opt(
-        False, "Store only token ids, not the text encoder's hidden states (the trainer then runs the text "
-        "encoder in the step)."
-    )
-    num_shards: int = _opt(1, "Split the input shards into this many jobs (e.g. a batch scheduler's array size).")
-    shard_index: int = _opt(0, "Which of the --num_shards jobs this is (0-based).")
-    device: Literal["xla", "cpu"] = _opt("xla", "xla: the device mesh, batch sharded; cpu: eager on the host.",
-                                         choices=("xla", "cpu"))
-    encoder_precision: Literal["fp32", "bf16"] = _opt(
-        "fp32", "Weights and compute dtype of the encoders (outputs are stored in bf16 either way).",
-        choices=("fp32", "bf16"),
-    )
-
-    def __post_init__(self) -> None:
-        if self.min_image_size is None:
-            self.min_image_size = self.resolution
-        checks = [
-            (self.resolution < 8 or self.resolution % 8, "--resolution must be a positive multiple of 8"),
-            (self.batch_size < 1, "--batch_size must be >= 1"),
-            (self.num_shards < 1, "--num_shards must be >= 1"),
-            (not 0 <= self.shard_index < self.num_shards, "--shard_index must be in [0, --num_shards)"),
-            (self.min_image_size < 0, "--min_image_size must be >= 0"),
-        ]
-        for bad, message in checks:
-            if bad:
-                raise ConfigError(message)
 
 
 class Encoders:
@@ -117,26 +68,15 @@ class Encoders:
         dtype = torch.bfloat16 if cfg.encoder_precision == "bf16" else torch.float32
         self.rt, self.store_text, self.local_batch = rt, not cfg.no_text_states, cfg.batch_size
         self.device = rt.device if rt is not None else torch.device("cpu")
-        # Cast on the host: a cast on the device would be one more graph.
-        self.vae = models.vae.to(dtype=dtype).to(self.device)
-        self.text_encoder = models.text_encoder.to(dtype=dtype).to(self.device) if self.store_text else None
+        self.vae = runtime.place_frozen(models.vae, dtype, self.device)
+        self.text_encoder = runtime.place_frozen(models.text_encoder, dtype, self.device) if self.store_text else None
 
     def _send(self, batch: LocalBatch) -> list[torch.Tensor]:
         tensors = [batch.pixels, batch.input_ids, batch.valid]
         if self.rt is None:
             return tensors
-        import torch_xla.core.xla_model as xm
-        import torch_xla.distributed.spmd as xs
-
-        from xla_diffusion import runtime
-
-        out = []
-        for t in tensors:
-            # minibatch: each process supplies its own rows of the global batch (multi-host).
-            spec = xs.ShardingSpec(self.rt.mesh, (runtime.BATCH_AXES,) + (None,) * (t.ndim - 1),
-                                   minibatch=self.rt.process_count > 1)
-            out.append(xm.send_cpu_data_to_device([t], self.device, spec)[0])
-        return out
+        # Each process supplies its own rows of the global batch.
+        return [runtime.to_mesh(t, self.rt.mesh) for t in tensors]
 
     def submit(self, batch: LocalBatch) -> dict[str, torch.Tensor]:
         """Start encoding (asynchronous on XLA): `latent_mean`, `latent_std` (B, C, h, w) bf16,
@@ -150,13 +90,8 @@ class Encoders:
             # Summed over the global batch: every process learns whether any process still had data.
             out["total_valid"] = valid.sum()
         if self.rt is not None:
-            import torch_xla.distributed.spmd as xs
-
-            from xla_diffusion import runtime
-
             for t in out.values():
-                if t.ndim:
-                    xs.mark_sharding(t, self.rt.mesh, (runtime.BATCH_AXES,) + (None,) * (t.ndim - 1))
+                runtime.mark_batch_sharded(t, self.rt.mesh)
             runtime.sync()
         return out
 
@@ -166,19 +101,7 @@ class Encoders:
         return total, {k: self._local_rows(t) for k, t in out.items() if k != "total_valid"}
 
     def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
-        if self.rt is None:
-            return t
-        from torch_xla.distributed.spmd.xla_sharding import wrap_as_sharded_tensor
-
-        # Only this host's shards are addressable on a multi-host runtime; they are its rows, in order.
-        shards = wrap_as_sharded_tensor(t).local_shards
-        if any(s.indices is Ellipsis for s in shards):  # replicated (a 1-device mesh): every row, everywhere
-            b = self.local_batch
-            return shards[0].data[self.rt.process_index * b : (self.rt.process_index + 1) * b]
-        by_start: dict[int, torch.Tensor] = {}
-        for s in shards:
-            by_start.setdefault(s.indices[0].start or 0, s.data)
-        return torch.cat([by_start[k] for k in sorted(by_start)])
+        return t if self.rt is None else runtime.local_rows(t, self.rt, self.local_batch)
 
 
 def run_rounds(encoders: Encoders, next_batch: Any, store: Any) -> None:
@@ -224,7 +147,6 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     """Encode this process's share of the input shards; returns a summary (counts, throughput)."""
     from transformers import CLIPTextConfig
 
-    from xla_diffusion import runtime
     from xla_diffusion.models import load_models, resolve_model_path
 
     t0 = time.perf_counter()
@@ -303,19 +225,9 @@ def encode(cfg: EncodeConfig) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from xla_diffusion.models import ModelLoadError
-
-    cfg = parse_args(argv, cls=EncodeConfig)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = encode(cfg)
-    except (ConfigError, ModelLoadError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2 if isinstance(e, ConfigError) else 1
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(encode(parse_args(argv, cls=EncodeConfig)), sort_keys=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from xla_diffusion import fsio
-from xla_diffusion.config import ConfigError
 from xla_diffusion.data.tar_stream import iter_tar_samples
+from xla_diffusion.errors import ConfigError
 
 if TYPE_CHECKING:
-    from data_prep.encode import EncodeConfig
+    from data_prep.encode_config import EncodeConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # PIL modes that convert to RGB meaningfully (16-bit / float modes would be clipped into garbage).

@@ -17,11 +17,11 @@ import torch
 
 from data_prep.encode_input import Item, LocalBatch
 from xla_diffusion import fsio
-from xla_diffusion.config import ConfigError
 from xla_diffusion.data.latents import FORMAT, FORMAT_VERSION, MANIFEST
+from xla_diffusion.errors import ConfigError
 
 if TYPE_CHECKING:
-    from data_prep.encode import EncodeConfig
+    from data_prep.encode_config import EncodeConfig
 
 STATS_SUFFIX = ".stats.json"
 # Manifest fields that must agree between runs writing into one output folder.

@@ -13,10 +13,12 @@ Usage: ``python -m data_prep.prepare_shapes --output_dir DIR --pretrained_model_
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from typing import Any
+
+from xla_diffusion.cli import OneLineParser, run_cli
 
 
 def prepare_shapes_latents(
@@ -52,9 +54,7 @@ def prepare_shapes_latents(
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", required=True)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline whose VAE/text encoder to run")
     p.add_argument("--num_images", type=int, default=1024)
@@ -65,19 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latent_dir", default=None, help="where the latents go (default OUTPUT/latents; gs:// works)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from xla_diffusion.config import ConfigError
-    from xla_diffusion.models import ModelLoadError
-
-    try:
-        result = prepare_shapes_latents(
-            args.output_dir, args.pretrained_model_name_or_path, args.num_images, args.resolution,
-            args.samples_per_shard, args.device, args.batch_size, args.seed, args.latent_dir,
-        )
-    except (ConfigError, ModelLoadError) as e:
-        raise SystemExit(f"error: {e}") from None
+    result = prepare_shapes_latents(
+        args.output_dir, args.pretrained_model_name_or_path, args.num_images, args.resolution,
+        args.samples_per_shard, args.device, args.batch_size, args.seed, args.latent_dir,
+    )
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

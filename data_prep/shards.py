@@ -8,12 +8,14 @@ Usage: ``python -m data_prep.shards --train_dir DIR/train --output_dir OUT [--sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 
 from xla_diffusion import fsio
+from xla_diffusion.cli import OneLineParser, run_cli
 from xla_diffusion.data.tar_stream import tar_bytes
+from xla_diffusion.errors import ConfigError
 
 
 def imagefolder_to_shards(
@@ -21,9 +23,12 @@ def imagefolder_to_shards(
 ) -> list[str]:
     """Write the shards (each one atomically) and return their paths, in order."""
     if samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be >= 1")
-    with open(os.path.join(train_dir, "metadata.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        raise ConfigError("--samples_per_shard must be >= 1")
+    meta = os.path.join(train_dir, "metadata.jsonl")
+    if not os.path.isfile(meta):
+        raise ConfigError(f"--train_dir {train_dir}: no metadata.jsonl (an imagefolder has one row per image with "
+                          "file_name and a caption)")
+    rows = fsio.read_jsonl(meta)
     fsio.makedirs(output_dir)
     paths = []
     for shard, start in enumerate(range(0, len(rows), samples_per_shard)):
@@ -43,7 +48,7 @@ def imagefolder_to_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--train_dir", required=True, help="imagefolder with metadata.jsonl")
     p.add_argument("--output_dir", required=True, help="local folder or gs:// prefix")
     p.add_argument("--samples_per_shard", type=int, default=1000)
@@ -54,4 +59,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval.common import EvalError, OneLineParser, load_prompt_records, load_samples, run_cli
+from eval.common import load_samples
+from xla_diffusion.cli import OneLineParser, run_cli
+from xla_diffusion.data.config import DataConfig
+from xla_diffusion.data.images import ImageCaptionBatches, OrderedImageBatches, load_image_caption_dataset
+from xla_diffusion.errors import ConfigError, EvalError
+from xla_diffusion.prompts import load_prompt_records
 
 log = logging.getLogger(__name__)
 
@@ -46,42 +51,33 @@ def load_reference_images(path: str, size: tuple[int, int]) -> np.ndarray:
     ])
 
 
-def heldout_set(models: Any, path: str, batch_size: int, resolution: int, max_samples: int | None) -> Any:
+def heldout_set(models: Any, path: str, batch_size: int, resolution: int, max_samples: int | None
+                ) -> OrderedImageBatches:
     """An image folder with captions → its ordered fixed-size batches (pixel_values, input_ids)."""
-    from xla_diffusion.config import ConfigError
-    from xla_diffusion.data.images import ImageCaptionBatches, load_image_caption_dataset
-
+    data = DataConfig(dataset_name=None, train_data_dir=path, batch_size=batch_size, resolution=resolution,
+                      max_train_samples=max_samples).for_evaluation()
     try:
-        ds = load_image_caption_dataset(None, path, "image", "text", max_train_samples=max_samples)
+        ds = load_image_caption_dataset(data)
     except ConfigError as e:
         raise EvalError(f"--heldout: {e}") from None
     if len(ds) < batch_size:
         raise EvalError(f"--heldout {path} has {len(ds)} images, fewer than --batch_size {batch_size}")
-    return ImageCaptionBatches(ds, models.tokenizer, "image", "text", batch_size, resolution, center_crop=True)
-
-
-class _Ordered:
-    def __init__(self, batches: Any):
-        self.batches, self.ndims = batches, batches.ndims
-
-    def __iter__(self) -> Any:
-        return self.batches.ordered_pass()
+    return ImageCaptionBatches(ds, models.tokenizer, data).ordered()
 
 
 def heldout_metrics(models: Any, heldout: Any, resolution: int, eval_timesteps: int, bpd_timesteps: int | None,
                     seed: int = 0) -> dict[str, float]:
     """Fixed-timestep validation loss and bits/dim of the held-out images (CPU, eager)."""
-    from eval.metrics import FixedTimestepBatches, bits_per_dim, fixed_timesteps, unet_predictor, validation_loss
+    from eval.likelihood import bits_per_dim, unet_predictor
     from xla_diffusion.train_step import StepConfig, compute_loss, encode_latents, encode_text
+    from xla_diffusion.validation import FixedTimestepBatches, fixed_timesteps, validation_loss
 
     sched = models.noise_scheduler
-    prediction_type = sched.config.prediction_type
-    cfg = StepConfig(prediction_type=prediction_type, snr_gamma=None, max_grad_norm=0.0, bf16=False,
-                     scaling_factor=models.vae.config.scaling_factor,
-                     shift_factor=getattr(models.vae.config, "shift_factor", None))
+    cfg = StepConfig.for_models(models)  # the pipeline's own objective, unweighted
+    prediction_type = cfg.prediction_type
     alphas = sched.alphas_cumprod.float()
     timesteps = fixed_timesteps(sched.config.num_train_timesteps, eval_timesteps)
-    batches = FixedTimestepBatches(_Ordered(heldout), timesteps, models.latent_shape(resolution), seed=seed)
+    batches = FixedTimestepBatches(heldout, timesteps, models.latent_shape(resolution), seed=seed)
     unet, vae, te = models.unet.eval(), models.vae.eval(), models.text_encoder.eval()
     with torch.no_grad():
         out = validation_loss(lambda b: compute_loss(unet, vae, te, b, alphas, cfg), batches)
@@ -137,13 +133,13 @@ def format_table(results: dict[str, Any], skipped: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from eval import metrics as M
-    from eval.sample import SampleOptions, generate, load_sampler_models, sample_records, write_samples
     from eval.shapes_score import adherence, parse_caption
+    from xla_diffusion.sample_files import sample_records, write_samples
+    from xla_diffusion.sampling import SampleOptions, generate, load_sampler_models
 
     args = build_parser().parse_args(argv)
     if args.prompts and args.samples:
         raise EvalError("pass --prompts (to generate) or --samples (to score existing samples), not both")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     images, records = None, None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eval.common import EvalError
+from xla_diffusion.errors import EvalError
 
 
 @dataclass(frozen=True)

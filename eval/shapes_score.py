@@ -8,7 +8,7 @@ a generated image, pixel by pixel and deterministically, and score it against th
 
 How an image is read (robust to blur and noise, no learned parts):
 1. background: the border pixels (a ring 1/32 of the side wide) each snap to the nearest of
-   data_prep.synthetic.COLOURS; the most frequent one wins (a shape covers at most part of the border).
+   xla_diffusion.shapes.COLOURS; the most frequent one wins (a shape covers at most part of the border).
 2. foreground: among the pixels whose nearest palette colour is not the background, the most frequent
    nearest colour.
 3. mask: pixels closer to the foreground colour than to the background colour (the midpoint threshold, where
@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.synthetic import COLOURS, SHAPES
-from eval.common import EvalError, OneLineParser, load_samples, run_cli
+from eval.common import load_samples
+from xla_diffusion.cli import OneLineParser, run_cli
+from xla_diffusion.errors import EvalError
+from xla_diffusion.shapes import COLOURS, SHAPES
 
 PALETTE_NAMES = tuple(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32)  # (K, 3)

@@ -7,6 +7,8 @@ import pytest
 
 from tests.helpers import finish, start_cli
 
+pytestmark = pytest.mark.slow  # four trainer processes (each a Python + torch_xla start-up)
+
 
 @pytest.fixture(scope="module")
 def error_runs(tiny_pipeline, shapes_dir, tmp_path_factory):

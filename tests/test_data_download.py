@@ -85,6 +85,7 @@ def url_list(http_server, tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_download_to_gcs_counts_failures_and_resumes(gcs_emulator, url_list):
     out = make_bucket("downloads") + "/images"
     args = ["--url_list", url_list, "--output_folder", out, "--image_size", "64", "--resize_mode", "center_crop",

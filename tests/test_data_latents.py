@@ -123,6 +123,7 @@ def test_tar_reader_counts_corrupt_members_and_truncation():
     assert errors == Counter(truncated_shard=1)
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_encode_writes_manifest_and_complete_shards(encoded, cli_runs, shapes_dir):
     out, summary = encoded["dir"], encoded["summary"]
     assert summary["samples_written"] == 64 and summary["shards_written"] == 4 and summary["device"] == "xla"
@@ -145,6 +146,7 @@ def test_encode_writes_manifest_and_complete_shards(encoded, cli_runs, shapes_di
     assert samples[3]["txt"].decode() == rows[19]["text"]
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_stored_latents_decode_like_on_the_fly(encoded, tiny_pipeline, shapes_dir):
     """Decoding the stored (bf16) posterior mean gives the image that decoding the on-the-fly fp32 mean gives."""
     from diffusers import AutoencoderKL
@@ -254,6 +256,7 @@ def _rows_read(batches: LatentShardBatches, n_batches: int) -> list[bytes]:
     return rows
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_two_hosts_read_disjoint_shards_covering_the_dataset(encoded):
     owner = _row_owner(encoded["dir"])
     m = read_manifest(encoded["dir"])
@@ -274,6 +277,7 @@ def test_two_hosts_read_disjoint_shards_covering_the_dataset(encoded):
     assert set(rows) == seen[0] and Counter(rows).most_common(1)[0][1] <= 6
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_reader_skips_and_counts_damaged_latent_samples(encoded, tmp_path):
     data = str(tmp_path / "latents")
     shutil.copytree(encoded["dir"], data)
@@ -292,6 +296,7 @@ def test_reader_skips_and_counts_damaged_latent_samples(encoded, tmp_path):
     assert batches.stream.errors == Counter(bad_sample=2, corrupt_member=1)
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_manifest_must_match_the_model(encoded):
     m = read_manifest(encoded["dir"])
     unet = SimpleNamespace(in_channels=4, cross_attention_dim=32)
@@ -304,16 +309,19 @@ def test_manifest_must_match_the_model(encoded):
         check_matches_model(m, unet, 512)
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_trainer_source_for_latent_shards(encoded, tiny_pipeline):
     """build_data_source on a latent dataset: the batch keys the step needs, text states in the frozen dtype,
     the empty prompt for caption dropout, and no encoder loaded."""
     from xla_diffusion.config import parse_args
-    from xla_diffusion.models import load_models
-    from xla_diffusion.trainer import build_data_source, empty_prompt
+    from xla_diffusion.data.config import DataConfig
+    from xla_diffusion.data.source import build_data_source, empty_prompt
+    from xla_diffusion.models import frozen_dtype, load_models
 
     def cfg(*extra: str):
-        return parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", encoded["dir"],
-                           "--resolution", "64", "--train_batch_size", "8", *extra])
+        c = parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", encoded["dir"],
+                        "--resolution", "64", "--train_batch_size", "8", *extra])
+        return DataConfig.from_train_config(c, frozen_dtype(c.mixed_precision))
 
     models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
     assert models.vae is None and models.text_encoder is None and models.latent_shape(64) == (4, 16, 16)
@@ -336,14 +344,12 @@ def test_trainer_source_for_latent_shards(encoded, tiny_pipeline):
 
 
 def _to_mesh(batch: dict[str, torch.Tensor], rt) -> dict[str, torch.Tensor]:
-    import torch_xla.core.xla_model as xm
-
     from xla_diffusion import runtime
 
-    return {k: xm.send_cpu_data_to_device([v], rt.device, runtime.batch_sharding_spec(rt.mesh, v.ndim))[0]
-            for k, v in batch.items()}
+    return runtime.to_mesh(batch, rt.mesh)
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 @pytest.mark.filterwarnings("ignore:XLA_USE_SPMD is being deprecated")  # the runtime was set up by `encoded`
 def test_latent_and_raw_batches_give_the_same_loss(encoded, tiny_pipeline, shapes_dir):
     """Same samples, noise, timesteps and posterior eps on the 4-device mesh: the loss from latent shards
@@ -389,6 +395,7 @@ def test_latent_and_raw_batches_give_the_same_loss(encoded, tiny_pipeline, shape
         raw_v, latent_v, wrong_v)
 
 
+@pytest.mark.slow  # needs the latents encoded on the mesh (an XLA compilation)
 def test_manifest_mismatch_stops_the_trainer_with_one_error_line(cli_runs):
     r = finish(cli_runs.procs["mismatch"], timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,4 +1,4 @@
-"""The demo driver end to end at CI size (`python -m xla_diffusion.demo` with the quality preset's recipe,
+"""The demo driver end to end at CI size (`python demo.py` with the quality preset's recipe,
 fewer images and steps), and the likelihood of the model it trains: bits/dim of held-out latents under the
 trained pipeline is below that of the same pipeline before training, measured with `eval.evaluate`."""
 
@@ -22,9 +22,9 @@ DEMO_STEPS = 300
 def demo_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "out")
     proc = start_cli(
-        ["xla_diffusion.demo", "--preset", "quality", "--output_dir", out, "--num_images", "512",
+        ["--preset", "quality", "--output_dir", out, "--num_images", "512",
          "--max_train_steps", str(DEMO_STEPS), "--validation_steps", "150"],
-        os.path.join(out + "_logs", "demo"), num_devices=1, script="-m",
+        os.path.join(out + "_logs", "demo"), num_devices=1, script=os.path.join(ROOT, "demo.py"),
     )
     return out, finish(proc, timeout=1200)
 

@@ -59,7 +59,7 @@ def test_average_in_the_xla_step_matches_diffusers_and_compiles_once():
     step: after every step the device average equals diffusers' EMAModel fed the same weights, and steps
     3..6 (six different decays) reuse the step-2 graph."""
     from xla_diffusion import runtime
-    from xla_diffusion.train_step import make_optimizer
+    from xla_diffusion.optim import make_optimizer
 
     rt = runtime.init_runtime()
     torch.manual_seed(0)

@@ -52,7 +52,7 @@ def test_eval_loss_is_per_timestep_and_moves_with_training(train_runs):
 def test_validation_samples_equal_cpu_sampling_of_the_export(train_runs):
     """Step 4 is the last step: the exported UNet is the one that drew step_000004's samples on the mesh
     (3 prompts padded to 4, sharded over 4 devices); eager CPU sampling with the same options agrees."""
-    from eval.sample import SampleOptions, generate, load_sampler_models
+    from xla_diffusion.sampling import SampleOptions, generate, load_sampler_models
 
     out = train_runs.succeeded("evalloop")
     folder = os.path.join(out, "validation", "step_000004")
@@ -95,8 +95,11 @@ def _cfg(tiny_pipeline, shapes_dir, *extra):
 def test_heldout_fraction_is_left_out_of_training(tiny_pipeline, shapes_dir):
     """--eval_steps without --eval_data_dir: a fixed quarter of the images is the held-out set, and the
     training dataset no longer has them; the held-out batches carry fixed noise per timestep."""
+    import dataclasses
+
     import torch
 
+    from xla_diffusion.data.config import DataConfig
     from xla_diffusion.data.images import load_image_caption_dataset
     from xla_diffusion.evaluation import heldout_batches
     from xla_diffusion.models import load_models
@@ -109,9 +112,10 @@ def test_heldout_fraction_is_left_out_of_training(tiny_pipeline, shapes_dir):
     def fingerprints(ds):
         return {np.asarray(img).tobytes() for img in ds["image"]}
 
-    train = load_image_caption_dataset(None, data, "image", "text", heldout_fraction=cfg.eval_heldout_fraction)
-    held = load_image_caption_dataset(None, data, "image", "text", heldout_fraction=0.25, part="heldout")
-    everything = load_image_caption_dataset(None, data, "image", "text")
+    folder = DataConfig(dataset_name=None, train_data_dir=data, batch_size=8, resolution=64)
+    train = load_image_caption_dataset(dataclasses.replace(folder, heldout_fraction=cfg.eval_heldout_fraction))
+    held = load_image_caption_dataset(dataclasses.replace(folder, heldout_fraction=0.25), part="heldout")
+    everything = load_image_caption_dataset(folder)
     assert (len(train), len(held)) == (48, 16)
     assert fingerprints(train).isdisjoint(fingerprints(held))
     assert fingerprints(train) | fingerprints(held) == fingerprints(everything)

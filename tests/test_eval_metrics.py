@@ -13,7 +13,9 @@ from PIL import Image
 
 from data_prep.synthetic import COLOURS, all_combinations, draw_shape
 from eval import metrics as M
-from eval.common import EvalError, sample_generator
+from xla_diffusion.data.randomness import sample_generator
+from xla_diffusion.errors import EvalError
+from xla_diffusion.validation import FixedTimestepBatches, fixed_timesteps, validation_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -177,10 +179,10 @@ def test_clip_without_a_model_is_one_clear_error(tmp_path):
 
 
 def test_fixed_timesteps_are_evenly_spaced_bin_centres():
-    assert M.fixed_timesteps(1000, 4) == [125, 375, 625, 875]
-    assert M.fixed_timesteps(1000, 1) == [500]
+    assert fixed_timesteps(1000, 4) == [125, 375, 625, 875]
+    assert fixed_timesteps(1000, 1) == [500]
     with pytest.raises(EvalError):
-        M.fixed_timesteps(1000, 0)
+        fixed_timesteps(1000, 0)
 
 
 @pytest.fixture(scope="module")
@@ -195,29 +197,26 @@ def tiny_models(tiny_pipeline):
 def test_validation_loss_equals_the_objective_by_hand(tiny_models, shapes_dir):
     """FixedTimestepBatches + validation_loss(compute_loss) == the epsilon MSE at those timesteps computed
     sample by sample with diffusers' own add_noise, the VAE posterior drawn with each sample's fixed eps."""
+    from xla_diffusion.data.config import DataConfig
     from xla_diffusion.data.images import ImageCaptionBatches, load_image_caption_dataset
     from xla_diffusion.train_step import StepConfig, compute_loss
 
     m = tiny_models
-    ds = load_image_caption_dataset(None, os.path.join(shapes_dir, "train"), "image", "text", max_train_samples=12)
-    batches = ImageCaptionBatches(ds, m.tokenizer, "image", "text", 4, 64, center_crop=True)
+    data = DataConfig(dataset_name=None, train_data_dir=os.path.join(shapes_dir, "train"), batch_size=4,
+                      resolution=64, max_train_samples=12, center_crop=True)
+    ds = load_image_caption_dataset(data)
+    batches = ImageCaptionBatches(ds, m.tokenizer, data)
 
-    class Ordered:
-        ndims = batches.ndims
-
-        def __iter__(self):
-            return batches.ordered_pass()
-
-    timesteps = M.fixed_timesteps(1000, 3)
-    fixed = M.FixedTimestepBatches(Ordered(), timesteps, m.latent_shape(64), seed=4)
+    timesteps = fixed_timesteps(1000, 3)
+    fixed = FixedTimestepBatches(batches.ordered(), timesteps, m.latent_shape(64), seed=4)
     cfg = StepConfig(prediction_type="epsilon", snr_gamma=None, max_grad_norm=0.0, bf16=False,
                      scaling_factor=m.vae.config.scaling_factor)
     alphas = m.noise_scheduler.alphas_cumprod.float()
     with torch.no_grad():
-        ours = M.validation_loss(lambda b: compute_loss(m.unet, m.vae, m.text_encoder, b, alphas, cfg), fixed)
+        ours = validation_loss(lambda b: compute_loss(m.unet, m.vae, m.text_encoder, b, alphas, cfg), fixed)
 
-    pixels = torch.cat([b["pixel_values"] for b in batches.ordered_pass()])
-    ids = torch.cat([b["input_ids"] for b in batches.ordered_pass()])
+    pixels = torch.cat([b["pixel_values"] for b in batches.ordered()])
+    ids = torch.cat([b["input_ids"] for b in batches.ordered()])
     per_t = {t: [] for t in timesteps}
     with torch.no_grad():
         for i in range(len(pixels)):
@@ -236,7 +235,7 @@ def test_validation_loss_equals_the_objective_by_hand(tiny_models, shapes_dir):
         assert ours[f"eval_loss_t{t:04d}"] == pytest.approx(np.mean(per_t[t]), rel=1e-4)
     # deterministic: a second pass sees the same noise
     with torch.no_grad():
-        again = M.validation_loss(lambda b: compute_loss(m.unet, m.vae, m.text_encoder, b, alphas, cfg), fixed)
+        again = validation_loss(lambda b: compute_loss(m.unet, m.vae, m.text_encoder, b, alphas, cfg), fixed)
     assert again == ours
 
 
@@ -366,8 +365,8 @@ def test_evaluate_cli_computes_what_it_can_and_says_what_it_skipped(tiny_pipelin
                                                                     capsys):
     import json
 
-    from eval.common import run_cli
     from eval.evaluate import main
+    from xla_diffusion.cli import run_cli
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in
@@ -384,7 +383,7 @@ def test_evaluate_cli_computes_what_it_can_and_says_what_it_skipped(tiny_pipelin
     assert m["num_samples"] == 2 and os.path.exists(os.path.join(m["samples_dir"], "samples.npz"))
     assert 0 <= m["clip_score"] <= 100
     assert {"shapes_colour_accuracy", "shapes_background_accuracy", "shapes_shape_accuracy"} <= set(m)
-    assert set(M.fixed_timesteps(1000, 2)) == {int(k[-4:]) for k in m if k.startswith("eval_loss_t")}
+    assert set(fixed_timesteps(1000, 2)) == {int(k[-4:]) for k in m if k.startswith("eval_loss_t")}
     assert 0 < m["eval_loss"] < 10 and 0 < m["bits_per_dim"] < 100
     assert result["skipped"] == {"fid": "no --reference_dir"}
     table = capsys.readouterr().out
@@ -394,8 +393,8 @@ def test_evaluate_cli_computes_what_it_can_and_says_what_it_skipped(tiny_pipelin
 def test_evaluate_cli_without_inputs_skips_with_reasons(tiny_pipeline, tmp_path, capsys):
     import json
 
-    from eval.common import run_cli
     from eval.evaluate import main
+    from xla_diffusion.cli import run_cli
 
     out = tmp_path / "s.json"
     assert run_cli(main, ["--pipeline", tiny_pipeline, "--output", str(out)]) == 0

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from eval.common import run_cli
-from eval.sample import (
+from eval.sample import main
+from xla_diffusion.cli import run_cli
+from xla_diffusion.config import SAMPLERS
+from xla_diffusion.data.randomness import sample_generator
+from xla_diffusion.sampling import (
     SCHEDULERS,
     SampleOptions,
     SamplerModels,
     generate,
     guided,
     load_sampler_models,
-    main,
     make_scheduler,
-    sample_generator,
 )
-from xla_diffusion.config import SAMPLERS
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -98,6 +98,7 @@ def test_samples_do_not_depend_on_batching(cpu_models):
     assert np.abs(other.astype(int) - four.astype(int)).max() > 5
 
 
+@pytest.mark.slow
 def test_mesh_sampling_matches_cpu_and_compiles_once(tiny_pipeline, cpu_models):
     """On the 4-device mesh: 3 prompts padded to a batch of 4 sharded over the devices, padding dropped, the
     same images as eager CPU; a second call compiles nothing."""

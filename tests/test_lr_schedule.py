@@ -1,33 +1,54 @@
-"""Learning-rate schedules: warm-up never starts at exactly 0, decays end near 0; the value lands in the
-optimizer's lr tensor."""
-
-import math
+"""Learning-rate schedules are diffusers' own: every --lr_scheduler name gives, at every optimizer step of a
+whole run, the lr that `diffusers.optimization.get_scheduler` gives a plain optimizer stepped as diffusers'
+scripts step it; and the value lands in the optimizer's device lr tensor."""
 
 import pytest
 import torch
+from diffusers.optimization import get_scheduler
 
-from xla_diffusion.train_step import LrSchedule
+from xla_diffusion.optim import LR_SCHEDULERS, LrSchedule
 
 
-def _lrs(name: str, warmup: int, total: int) -> list[float]:
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=torch.tensor(1e-3), capturable=False)
+def _ours(name: str, warmup: int, total: int, lr: float = 1e-3) -> list[float]:
+    # a tensor lr, as the trainer's AdamW has (the value is copied into it, never replaced)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=torch.tensor(lr), capturable=False)
+    lr_tensor = opt.param_groups[0]["lr"]
     sched = LrSchedule(opt, name, warmup, total)
     out = []
     for step in range(total):
-        sched.set_step(step)
-        out.append(float(opt.param_groups[0]["lr"]))
+        returned = sched.set_step(step)
+        assert opt.param_groups[0]["lr"] is lr_tensor
+        out.append(float(lr_tensor))
+        assert returned == pytest.approx(out[-1], rel=1e-6)
     return out
 
 
-@pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine"])
-def test_warmup_rises_linearly_from_above_zero(name):
-    lrs = _lrs(name, 4, 20)
-    assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[3] == pytest.approx(4e-3 / 5) and lrs[4] == pytest.approx(1e-3)
-    assert all(lr > 0 for lr in lrs)
+def _diffusers(name: str, warmup: int, total: int, lr: float = 1e-3) -> list[float]:
+    """The lr each optimizer update uses in diffusers' loop: optimizer.step(), then lr_scheduler.step()."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
 
 
-def test_decays():
-    assert _lrs("constant", 4, 10) == pytest.approx([1e-3] * 10)
-    lin, cos = _lrs("linear", 0, 10), _lrs("cosine", 0, 10)
-    assert lin[5] == pytest.approx(0.5e-3) and lin[-1] == pytest.approx(0.1e-3)
-    assert cos[5] == pytest.approx(0.5e-3) and cos[-1] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 0.9)))
+@pytest.mark.parametrize("name", LR_SCHEDULERS)
+@pytest.mark.parametrize("warmup, total", [(0, 50), (7, 50), (100, 1000)])
+def test_every_schedule_equals_diffusers_over_a_whole_run(name, warmup, total):
+    ours, theirs = _ours(name, warmup, total), _diffusers(name, warmup, total)
+    # float32 storage of the device lr tensor is the only difference
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-12)
+
+
+def test_warmup_starts_at_zero_as_in_diffusers():
+    lrs = _ours("cosine", 4, 20)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.25e-3) and lrs[4] == pytest.approx(1e-3)
+    assert _ours("constant", 4, 10) == pytest.approx([1e-3] * 10)  # diffusers' "constant" ignores warm-up
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="unknown lr_scheduler 'step'"):
+        _ours("step", 0, 10)

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from data_prep.synthetic import all_combinations, draw_shape
-from eval.common import EvalError, run_cli
 from eval.shapes_score import adherence, expected_attributes, main, parse_caption, read_shape_image
+from xla_diffusion.cli import run_cli
+from xla_diffusion.errors import EvalError
 
 
 def _images(n: int, resolutions: tuple[int, ...], seed: int, noise: float = 0.0, blur: float = 0.0):
@@ -74,7 +75,7 @@ def test_cli_on_an_image_folder(shapes_dir, capsys):
 
 def test_cli_on_sample_output_with_a_prompts_file(tmp_path, capsys):
     """eval.sample's layout (samples.npz + prompts.jsonl); one image is drawn wrong on purpose."""
-    from eval.sample import write_samples
+    from xla_diffusion.sample_files import write_samples
 
     images, expected = _images(4, (64,), seed=3)
     records = [{"text": f"a {f} {s} on a {b} background", "index": i, "prompt_index": i,

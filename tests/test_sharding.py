@@ -7,8 +7,10 @@ import torch
 
 from xla_diffusion import runtime
 from xla_diffusion.config import ConfigError, parse_args
+from xla_diffusion.data.config import DataConfig
+from xla_diffusion.data.source import build_data_source
 from xla_diffusion.models import load_models
-from xla_diffusion.trainer import build_data_source, check_batch_divisible, device_loader
+from xla_diffusion.trainer import check_batch_divisible
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,10 @@ def test_input_batches_are_sharded_four_ways(rt, tiny_pipeline, shapes_dir):
         "--resolution", "64", "--train_batch_size", "8", "--center_crop",
     ])
     models = load_models(cfg.pretrained_model_name_or_path)
-    source = build_data_source(cfg, models, rt, manifest=None)  # an image folder, not latent shards
+    data = DataConfig.from_train_config(cfg, torch.float32)
+    source = build_data_source(data, models, rt, manifest=None)  # an image folder, not latent shards
     host_batch = next(iter(source))
-    device_batch = next(iter(device_loader(source, cfg, rt)))
+    device_batch = next(iter(runtime.device_loader(source, source.ndims, rt.mesh)))
     assert set(device_batch) == {"pixel_values", "input_ids", "noise", "timesteps", "latent_eps"}
     for key, tensor in device_batch.items():
         spec = runtime.sharding_spec_string(tensor)

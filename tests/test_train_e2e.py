@@ -94,3 +94,19 @@ def test_export_loads_in_diffusers_and_generates(train_runs, monkeypatch):
     vae = load_file(os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
     vae0 = load_file(os.path.join(train_runs.pipeline, "vae", "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(vae[k], vae0[k]) for k in vae0)
+
+
+def test_logged_lr_is_diffusers_schedule(train_runs):
+    """The bf16 run (cosine, 3 warm-up steps, 10 steps, lr 5e-5) logs at every step exactly the lr diffusers'
+    get_scheduler gives each optimizer update."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=3, num_training_steps=10)
+    expected = []
+    for _ in range(10):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    logged = [m["lr"] for m in read_metrics(train_runs.succeeded("bf16"))]
+    assert logged == pytest.approx(expected, rel=1e-6, abs=1e-15) and logged[0] == 0.0

@@ -14,17 +14,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .cli import OneLineParser
+from .errors import ConfigError, check
+from .optim import LR_SCHEDULERS
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "bf16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # eval.sample.SCHEDULERS
+SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # sampling.SCHEDULERS' names
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message is shown to the user as one line."""
-
-
-def _opt(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -34,109 +33,109 @@ class TrainConfig:
     every host)."""
 
     # model
-    pretrained_model_name_or_path: str = _opt(
+    pretrained_model_name_or_path: str = option(
         None, "Hub id, local folder or gs:// folder of a diffusers Stable Diffusion pipeline.", required=True
     )
-    revision: str | None = _opt(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
-    variant: str | None = _opt(None, "Variant of the model files to load, e.g. fp16.")
-    cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")
+    revision: str | None = option(None, "Revision (branch, tag or commit) of the pretrained model on the hub.")
+    variant: str | None = option(None, "Variant of the model files to load, e.g. fp16.")
+    cache_dir: str | None = option(None, "Where downloaded models and datasets are cached.")
     # data
-    dataset_name: str | None = _opt(None, "A datasets hub id or local dataset folder/script to train on.")
-    dataset_config_name: str | None = _opt(None, "Config name of the dataset, if it has several.")
-    train_data_dir: str | None = _opt(
+    dataset_name: str | None = option(None, "A datasets hub id or local dataset folder/script to train on.")
+    dataset_config_name: str | None = option(None, "Config name of the dataset, if it has several.")
+    train_data_dir: str | None = option(
         None, "A local image folder with metadata.jsonl (datasets' imagefolder layout), or a latent dataset "
         "made by data_prep/encode.py (a folder or gs:// prefix with manifest.json and *.tar shards: the step then "
         "skips the VAE, and the text encoder when the shards hold text states); used when --dataset_name is "
         "not given."
     )
-    image_column: str = _opt("image", "Dataset column holding the images.")
-    caption_column: str = _opt("text", "Dataset column holding the captions.")
-    max_train_samples: int | None = _opt(None, "Truncate the training set to this many samples (debugging).")
-    resolution: int = _opt(512, "Training resolution; images are resized then cropped to this square size.")
-    center_crop: bool = _opt(False, "Center-crop instead of random-crop after resizing.")
-    random_flip: bool = _opt(False, "Randomly flip images horizontally.")
-    dataloader_num_workers: int = _opt(0, "Host data-loader worker processes (0 loads in the main process).")
-    shuffle_buffer_size: int = _opt(1000, "Samples in the shuffle buffer of each latent-shard reader.")
-    loader_prefetch_size: int = _opt(1, "Batches the host loader queues ahead (MpDeviceLoader).")
-    device_prefetch_size: int = _opt(1, "Batches kept on the devices ahead of the step (MpDeviceLoader).")
+    image_column: str = option("image", "Dataset column holding the images.")
+    caption_column: str = option("text", "Dataset column holding the captions.")
+    max_train_samples: int | None = option(None, "Truncate the training set to this many samples (debugging).")
+    resolution: int = option(512, "Training resolution; images are resized then cropped to this square size.")
+    center_crop: bool = option(False, "Center-crop instead of random-crop after resizing.")
+    random_flip: bool = option(False, "Randomly flip images horizontally.")
+    dataloader_num_workers: int = option(0, "Host data-loader worker processes (0 loads in the main process).")
+    shuffle_buffer_size: int = option(1000, "Samples in the shuffle buffer of each latent-shard reader.")
+    loader_prefetch_size: int = option(1, "Batches the host loader queues ahead (MpDeviceLoader).")
+    device_prefetch_size: int = option(1, "Batches kept on the devices ahead of the step (MpDeviceLoader).")
     # optimisation
-    train_batch_size: int = _opt(
+    train_batch_size: int = option(
         16, "Batch size PER HOST (process). The global batch is this times the number of hosts; it is "
         "sharded over all devices of the mesh, so it must divide evenly among them."
     )
-    max_train_steps: int = _opt(100, "Number of optimizer steps to run.")
-    learning_rate: float = _opt(1e-4, "AdamW peak learning rate.")
-    lr_scheduler: str = _opt(
+    max_train_steps: int = option(100, "Number of optimizer steps to run.")
+    learning_rate: float = option(1e-4, "AdamW peak learning rate.")
+    lr_scheduler: str = option(
         "constant", "Learning-rate schedule (diffusers' names).", choices=LR_SCHEDULERS
     )
-    lr_warmup_steps: int = _opt(0, "Steps of linear learning-rate warm-up.")
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay.")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value (<= 0 disables).")
-    prediction_type: Literal["epsilon", "v_prediction"] | None = _opt(
+    lr_warmup_steps: int = option(0, "Steps of linear learning-rate warm-up.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (<= 0 disables).")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = option(
         None, "Training target; default: the scheduler's own prediction_type.", choices=PREDICTION_TYPES
     )
-    proportion_empty_prompts: float = _opt(
+    proportion_empty_prompts: float = option(
         0.0, "Fraction of captions replaced by the empty prompt, to train the unconditional prediction that "
         "classifier-free guidance uses."
     )
-    snr_gamma: float | None = _opt(
+    snr_gamma: float | None = option(
         None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the recommended value. Off if unset."
     )
-    mixed_precision: Literal["no", "bf16"] = _opt(
+    mixed_precision: Literal["no", "bf16"] = option(
         "no", "bf16: frozen VAE/text encoder in bf16 and UNet forward/backward under bf16 autocast, with fp32 "
         "master weights and fp32 AdamW state.", choices=MIXED_PRECISION
     )
-    use_ema: bool = _opt(
+    use_ema: bool = option(
         False, "Keep an exponential moving average of the UNet weights (updated in the step's graph); "
         "validation, evaluation and the exported pipeline use it."
     )
-    ema_decay: float = _opt(0.9999, "Largest EMA decay; the decay warms up as update/(update+9) (diffusers').")
-    seed: int = _opt(0, "Seed for data order, noise, timesteps and augmentation.")
+    ema_decay: float = option(0.9999, "Largest EMA decay; the decay warms up as update/(update+9) (diffusers').")
+    seed: int = option(0, "Seed for data order, noise, timesteps and augmentation.")
     # parallelism
-    fsdp_size: int = _opt(1, "Size of the mesh's 'fsdp' axis; the 'data' axis takes the remaining devices.")
+    fsdp_size: int = option(1, "Size of the mesh's 'fsdp' axis; the 'data' axis takes the remaining devices.")
     # logging and output
-    output_dir: str = _opt("sd-model-finetuned-xla", "Where the trained pipeline (and logs) are written.")
-    logging_steps: int = _opt(10, "Log loss, grad norm, step time and images/s every N steps.")
-    print_loss: bool = _opt(False, "Print the loss at every step (same as --logging_steps 1).")
-    max_compilations: int = _opt(
+    output_dir: str = option("sd-model-finetuned-xla", "Where the trained pipeline (and logs) are written.")
+    logging_steps: int = option(10, "Log loss, grad norm, step time and images/s every N steps.")
+    print_loss: bool = option(False, "Print the loss at every step (same as --logging_steps 1).")
+    max_compilations: int = option(
         4, "Stop with an error when the training loop has compiled more than this many XLA graphs "
         "(a clean run compiles 2: the first step and the steady state)."
     )
-    timing_warmup_steps: int = _opt(3, "Steps excluded from the reported mean step time.")
-    profile_duration: int = _opt(10000, "Profile capture length in ms when PROFILE_DIR is set.")
-    profile_start_step: int = _opt(5, "Step at which the profile capture starts when PROFILE_DIR is set.")
+    timing_warmup_steps: int = option(3, "Steps excluded from the reported mean step time.")
+    profile_duration: int = option(10000, "Profile capture length in ms when PROFILE_DIR is set.")
+    profile_start_step: int = option(5, "Step at which the profile capture starts when PROFILE_DIR is set.")
     # evaluation during training (each in its own XLA graphs, compiled once; never touches the step graph)
-    validation_prompts: str | None = _opt(
+    validation_prompts: str | None = option(
         None, "Prompts sampled every --validation_steps: ';'-separated, or a file (one per line, or JSON lines "
         "with \"text\")."
     )
-    validation_steps: int = _opt(
+    validation_steps: int = option(
         0, "Every N steps sample --validation_prompts into OUTPUT_DIR/validation/step_XXXXXX/ (0: never)."
     )
-    num_validation_images: int = _opt(1, "Images per validation prompt.")
-    validation_guidance_scale: float = _opt(7.5, "Classifier-free guidance scale of the validation samples.")
-    validation_num_inference_steps: int = _opt(25, "Denoising steps of the validation samples.")
-    validation_scheduler: str = _opt("ddim", "Sampler of the validation samples.", choices=SAMPLERS)
-    eval_steps: int = _opt(
+    num_validation_images: int = option(1, "Images per validation prompt.")
+    validation_guidance_scale: float = option(7.5, "Classifier-free guidance scale of the validation samples.")
+    validation_num_inference_steps: int = option(25, "Denoising steps of the validation samples.")
+    validation_scheduler: str = option("ddim", "Sampler of the validation samples.", choices=SAMPLERS)
+    eval_steps: int = option(
         0, "Every N steps compute the validation loss at --eval_timesteps fixed timesteps on the held-out set, "
         "logged as eval_loss (0: never)."
     )
-    eval_data_dir: str | None = _opt(
+    eval_data_dir: str | None = option(
         None, "Held-out data for --eval_steps (an image folder with metadata.jsonl, or a latent dataset); "
         "default: --eval_fraction of the training data, held out of training."
     )
-    eval_fraction: float = _opt(0.05, "Fraction of the training data held out for --eval_steps without "
+    eval_fraction: float = option(0.05, "Fraction of the training data held out for --eval_steps without "
                                 "--eval_data_dir.")
-    eval_timesteps: int = _opt(8, "Number of evenly spaced timesteps the validation loss averages over.")
-    max_eval_samples: int | None = _opt(None, "Use at most this many held-out samples (per host).")
+    eval_timesteps: int = option(8, "Number of evenly spaced timesteps the validation loss averages over.")
+    max_eval_samples: int | None = option(None, "Use at most this many held-out samples (per host).")
 
     def __post_init__(self) -> None:
         if self.print_loss:
             self.logging_steps = 1
-        checks = [
+        check([
             (self.dataset_name is None and self.train_data_dir is None,
              "pass --dataset_name or --train_data_dir"),
             (self.train_batch_size < 1, "--train_batch_size must be >= 1"),
@@ -164,16 +163,12 @@ class TrainConfig:
             (not 0 < self.eval_fraction < 1, "--eval_fraction must be in (0, 1)"),
             (self.eval_timesteps < 1, "--eval_timesteps must be >= 1"),
             (self.max_eval_samples is not None and self.max_eval_samples < 1, "--max_eval_samples must be >= 1"),
-        ]
-        for bad, message in checks:
-            if bad:
-                raise ConfigError(message)
-        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(
-                f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"
-            )
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+            (self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES,
+             f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"),
+            (self.mixed_precision not in MIXED_PRECISION,
+             f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}"),
+            (self.lr_scheduler not in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
+        ])
 
     @property
     def eval_heldout_fraction(self) -> float:
@@ -192,14 +187,6 @@ class TrainConfig:
         return os.environ.get("CACHE_DIR") or None
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2)
-
-
 def _flag_type(f: dataclasses.Field) -> Any:
     text = str(f.type)
     if "float" in text:
@@ -211,7 +198,7 @@ def _flag_type(f: dataclasses.Field) -> Any:
 
 def build_parser(cls: type = TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one `--name` flag per dataclass field (booleans are store_true)."""
-    parser = _OneLineParser(description=description or cls.__doc__)
+    parser = OneLineParser(description=description or cls.__doc__)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from . import fsio
+
 log = logging.getLogger(__name__)
 
 
@@ -47,16 +49,11 @@ def _publish_local(tmp: str, target: str) -> None:
 
 
 def _publish_remote(tmp: str, target: str) -> None:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(target)
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/model_index.json"):
-        fs.rm(f"{root}/model_index.json")
+    fsio.remove(fsio.join(target, "model_index.json"))
     for name in sorted(os.listdir(tmp)):
         if name != "model_index.json":
-            fs.put(os.path.join(tmp, name), f"{root}/{name}", recursive=True)
-    fs.put(os.path.join(tmp, "model_index.json"), f"{root}/model_index.json")
+            fsio.upload(os.path.join(tmp, name), fsio.join(target, name))
+    fsio.upload(os.path.join(tmp, "model_index.json"), fsio.join(target, "model_index.json"))
 
 
 def export_pipeline(
@@ -84,7 +81,7 @@ def export_pipeline(
         # The pipeline's default height/width is unet.sample_size × the VAE factor: make it the training
         # resolution, or a model trained at 32 px from a 64 px checkpoint samples at 64 px by default.
         pipe.unet.register_to_config(sample_size=sample_size)
-    local_parent = output_dir if "://" not in output_dir else None
+    local_parent = None if fsio.is_remote(output_dir) else output_dir
     if local_parent:
         os.makedirs(os.path.dirname(os.path.abspath(local_parent)) or ".", exist_ok=True)
     tmp_root = os.path.dirname(os.path.abspath(local_parent)) if local_parent else None

@@ -55,6 +55,32 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+def open_file(path: str, mode: str = "rb") -> Any:
+    """A file object for a local path or URL; text modes read and write UTF-8. Writes to a remote path
+    become visible when the file is closed (a finished upload)."""
+    fs, p = url_to_fs(path)
+    return fs.open(p, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def download_tree(url: str, local_dir: str) -> None:
+    """Copy a remote folder (prefix) to a local folder, recursively."""
+    fs, p = url_to_fs(url)
+    fs.get(p.rstrip("/") + "/", local_dir, recursive=True)
+
+
+def upload(local_path: str, dest: str) -> None:
+    """Copy a local file or folder (recursively) to `dest` (a URL)."""
+    fs, p = url_to_fs(dest)
+    fs.put(local_path, p, recursive=os.path.isdir(local_path))
+
+
+def remove(path: str) -> None:
+    """Delete a file, if it exists."""
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
 def makedirs(path: str) -> None:
     """Create a local folder (and parents); a no-op for object stores, whose 'folders' are prefixes."""
     if not is_remote(path):
@@ -68,6 +94,11 @@ def read_bytes(path: str) -> bytes:
 
 def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))
+
+
+def read_jsonl(path: str) -> list[Any]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in read_bytes(path).decode("utf-8").splitlines() if line.strip()]
 
 
 def list_files(root: str, suffix: str) -> list[str]:

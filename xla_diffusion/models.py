@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
+from . import fsio
+from .errors import ModelLoadError
+
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """The pretrained model cannot be loaded; the message is one line for the user."""
 
 
 @dataclass
@@ -26,21 +25,17 @@ class Models:
     unet: Any  # diffusers.UNet2DConditionModel, trained (None when not loaded)
     noise_scheduler: Any  # diffusers.DDPMScheduler (the training schedule)
     source: str  # the local folder or hub id the parts came from
-    vae_config: Any = None  # the VAE's config, also when the VAE itself was not loaded (pre-encoded latents)
+    vae_config: Any  # the VAE's config, also when the VAE itself was not loaded (pre-encoded latents)
 
     @property
     def vae_scale(self) -> int:
-        """Spatial downsampling factor of the VAE (8 for Stable Diffusion)."""
-        return 2 ** (len(self._vae_config.block_out_channels) - 1)
-
-    @property
-    def _vae_config(self) -> Any:
-        return self.vae_config if self.vae_config is not None else self.vae.config
+        """Spatial downsampling factor of the VAE (8 for Stable Diffusion): the project's one formula for it."""
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a resolution × resolution image."""
         side = resolution // self.vae_scale
-        return (self._vae_config.latent_channels, side, side)
+        return (self.vae_config.latent_channels, side, side)
 
 
 def _looks_local(path: str) -> bool:
@@ -49,16 +44,14 @@ def _looks_local(path: str) -> bool:
 
 def resolve_model_path(path: str, cache_dir: str | None = None) -> str:
     """Local folder or hub id as is; a gs:// (or other fsspec URL) folder is copied to a local cache."""
-    if "://" in path:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        if not fs.exists(f"{root.rstrip('/')}/model_index.json"):
+    if fsio.is_remote(path):
+        if not fsio.exists(fsio.join(path, "model_index.json")):
             raise ModelLoadError(f"no diffusers pipeline (model_index.json) at {path}")
+        _, root = fsio.url_to_fs(path)
         local = os.path.join(cache_dir or tempfile.gettempdir(), "xla_diffusion_models", root.strip("/"))
         if not os.path.exists(os.path.join(local, "model_index.json")):
             log.info("copying %s to %s", path, local)
-            fs.get(root.rstrip("/") + "/", local, recursive=True)
+            fsio.download_tree(path, local)
         return local
     if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise ModelLoadError(f"--pretrained_model_name_or_path {path!r}: no such folder")
@@ -96,10 +89,10 @@ def load_models(
         if load_text_encoder:
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **common)
             text_encoder.requires_grad_(False).eval()
-        vae_config = None if load_vae else _config_only(AutoencoderKL, source, "vae", common)
         if load_vae:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common)
             vae.requires_grad_(False).eval()
+        vae_config = vae.config if load_vae else _config_only(AutoencoderKL, source, "vae", common)
         if load_unet:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common)
             unet.train()
@@ -107,7 +100,7 @@ def load_models(
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the pipeline from {pretrained_model_name_or_path!r}: {first}") from None
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, source, vae_config=vae_config)
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, source, vae_config)
 
 
 def frozen_dtype(mixed_precision: str) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""The one place that touches the torch_xla runtime: SPMD mode, devices, processes, the mesh, the
-persistent compile cache, the profiler and compilation counts.
+"""The one module that imports torch_xla (with sharding.py beside it): SPMD mode, devices, processes, the mesh,
+putting host batches on the mesh and reading rows back, placing frozen parts, the device loader, autocast, the
+persistent compile cache, the profiler and compilation counts. The day the backend changes, this layer moves.
 
 Nothing here runs at import time: `xr.use_spmd()` must happen inside `main`, after the environment
 (e.g. `CPU_NUM_DEVICES`, `PJRT_DEVICE`) is final.
@@ -8,7 +9,9 @@ Nothing here runs at import time: `xr.use_spmd()` must happen inside `main`, aft
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -73,6 +76,70 @@ def batch_sharding_spec(mesh: object, ndim: int, host_local: bool = True) -> obj
     import torch_xla.runtime as xr
 
     return xs.ShardingSpec(mesh, (BATCH_AXES,) + (None,) * (ndim - 1), minibatch=host_local and xr.process_count() > 1)
+
+
+def to_mesh(x: torch.Tensor | dict[str, torch.Tensor], mesh: object, host_local: bool = True) -> Any:
+    """A host tensor (or a dict of them) on the mesh, each sharded on dim 0 over all mesh axes, the rest
+    replicated. `host_local`: see `batch_sharding_spec` (False: every host passes the same global tensor)."""
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    if isinstance(x, dict):
+        return {k: to_mesh(v, mesh, host_local) for k, v in x.items()}
+    spec = batch_sharding_spec(mesh, x.ndim, host_local)
+    return xm.send_cpu_data_to_device([x], torch_xla.device(), input_sharding=spec)[0]
+
+
+def mark_batch_sharded(t: torch.Tensor, mesh: object) -> None:
+    """Annotate a device tensor computed in the graph as sharded on dim 0 over all mesh axes (0-d: no-op)."""
+    import torch_xla.distributed.spmd as xs
+
+    if t.ndim:
+        xs.mark_sharding(t, mesh, (BATCH_AXES,) + (None,) * (t.ndim - 1))
+
+
+def local_rows(t: torch.Tensor, rt: Runtime, rows_per_process: int) -> torch.Tensor:
+    """This process's rows of a device tensor sharded on dim 0 (its part of a global batch), on the CPU.
+    On several hosts only a host's own shards are addressable, and they are its rows, in order."""
+    from torch_xla.distributed.spmd.xla_sharding import wrap_as_sharded_tensor
+
+    shards = wrap_as_sharded_tensor(t).local_shards
+    if any(s.indices is Ellipsis for s in shards):  # replicated (a 1-device mesh): every row, everywhere
+        start = rt.process_index * rows_per_process
+        return shards[0].data[start : start + rows_per_process]
+    by_start: dict[int, torch.Tensor] = {}
+    for s in shards:
+        by_start.setdefault(s.indices[0].start or 0, s.data)
+    return torch.cat([by_start[k] for k in sorted(by_start)])
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def place_frozen(module: M | None, dtype: torch.dtype, device: torch.device) -> M | None:
+    """A frozen part (VAE, text encoder) in `dtype` on `device`; None stays None. The cast happens on the host
+    first: a dtype cast on the device would be one more compiled graph."""
+    return None if module is None else module.to(dtype=dtype).to(device)
+
+
+def device_loader(source: Iterable[dict[str, torch.Tensor]], ndims: dict[str, int], mesh: object,
+                  loader_prefetch_size: int = 1, device_prefetch_size: int = 1) -> Iterable[dict[str, torch.Tensor]]:
+    """Host batches → device batches (torch_xla's MpDeviceLoader), every key sharded on dim 0 over the whole
+    mesh, loaded and transferred ahead of the step in background threads."""
+    import torch_xla
+    import torch_xla.distributed.parallel_loader as pl
+
+    # One spec per key: a single spec for tensors of different rank would silently replicate them.
+    sharding = {k: batch_sharding_spec(mesh, nd) for k, nd in ndims.items()}
+    return pl.MpDeviceLoader(
+        source, torch_xla.device(), input_sharding=sharding,
+        loader_prefetch_size=loader_prefetch_size, device_prefetch_size=device_prefetch_size,
+    )
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast for modules on `device` (an XLA device or the CPU), off when not `enabled`."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def sharding_spec_string(tensor: torch.Tensor) -> str:

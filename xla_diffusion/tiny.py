@@ -9,7 +9,6 @@ Usage: ``python -m xla_diffusion.tiny OUTPUT_DIR [--seed N]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import string
@@ -19,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .cli import OneLineParser, run_cli
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -216,7 +217,7 @@ def build_tiny_pipeline(output_dir: str, seed: int = 0, vae_dir: str | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae_dir", default=None, help="a trained tiny AutoencoderKL folder to use")
@@ -226,4 +227,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -13,21 +13,23 @@ an equivalent file (bit-identical only with the same thread count and CPU kernel
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import time
+from argparse import RawDescriptionHelpFormatter
 
 import numpy as np
 import torch
+
+from xla_diffusion.cli import OneLineParser, run_cli
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_vae")
 
 
 def shape_batch(batch_size: int, resolution: int, rng: random.Random) -> torch.Tensor:
     """(B, 3, R, R) images in [-1, 1] of random synthetic shapes (any colours, shape, size, place)."""
-    from data_prep.synthetic import COLOURS, SHAPES, draw_shape
+    from xla_diffusion.shapes import COLOURS, SHAPES, draw_shape
 
     names = list(COLOURS)
     images = []
@@ -85,7 +87,7 @@ def train_tiny_vae(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default=ASSET_DIR)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch_size", type=int, default=32)
@@ -96,4 +98,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -5,22 +5,57 @@ configuration and on which keys the batch carries, which are fixed for a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from . import objective
+from . import objective, runtime
 from .ema import EmaWeights
 from .xla_ops import nearest_upsample_as_broadcast
 
 
 @dataclass(frozen=True)
 class StepConfig:
+    """What the step's math needs, fixed for a run (each value is baked into the one graph)."""
+
     prediction_type: str
     snr_gamma: float | None
     max_grad_norm: float
     bf16: bool
     scaling_factor: float
     shift_factor: float | None = None
+
+    @classmethod
+    def for_models(cls, models: Any, prediction_type: str | None = None, snr_gamma: float | None = None,
+                   max_grad_norm: float = 0.0, bf16: bool = False, latents: Any = None) -> StepConfig:
+        """The step config of `models` (a models.Models): `prediction_type` None means the scheduler's own; the
+        VAE scaling is the one of the latent shards (`latents`, a LatentManifest) when training on them,
+        since the step applies the scaling of the VAE that made them, else the pipeline VAE's."""
+        vae = latents if latents is not None else models.vae_config
+        shift = latents.shift_factor if latents is not None else getattr(vae, "shift_factor", None)
+        return cls(
+            prediction_type=prediction_type or models.noise_scheduler.config.prediction_type,
+            snr_gamma=snr_gamma, max_grad_norm=max_grad_norm, bf16=bf16,
+            scaling_factor=float(vae.scaling_factor), shift_factor=None if shift is None else float(shift),
+        )
+
+
+@dataclass
+class FrozenParts:
+    """The frozen inputs of the step on the device: the VAE and text encoder (None when the data carries their
+    outputs) in the frozen dtype, and the training schedule's alphas_cumprod (T,) fp32."""
+
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
+    alphas_cumprod: torch.Tensor
+
+    @classmethod
+    def place(cls, models: Any, dtype: torch.dtype, device: torch.device) -> FrozenParts:
+        return cls(
+            vae=runtime.place_frozen(models.vae, dtype, device),
+            text_encoder=runtime.place_frozen(models.text_encoder, dtype, device),
+            alphas_cumprod=models.noise_scheduler.alphas_cumprod.float().to(device),
+        )
 
 
 def encode_latents(vae: torch.nn.Module | None, batch: dict[str, torch.Tensor], cfg: StepConfig) -> torch.Tensor:
@@ -66,7 +101,7 @@ def compute_loss(
     hidden = encode_text(text_encoder, batch)
     noise, t = batch["noise"], batch["timesteps"]
     noisy = objective.add_noise(latents, noise, t, alphas_cumprod)
-    with torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.bf16), nearest_upsample_as_broadcast():
+    with runtime.autocast(noisy.device, cfg.bf16), nearest_upsample_as_broadcast():
         pred = unet(noisy, t, hidden, return_dict=False)[0]
     return objective.diffusion_loss(pred, latents, noise, t, alphas_cumprod, cfg.prediction_type, cfg.snr_gamma)
 
@@ -96,58 +131,3 @@ def train_step(
     if ema is not None:
         ema.update()
     return loss.detach(), grad_norm.detach()
-
-
-def make_optimizer(
-    unet: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float
-) -> torch.optim.Optimizer:
-    """AdamW over the UNet's fp32 parameters; its moments are fp32 too (they follow the parameters).
-
-    The learning rate is a 0-d device tensor and the step count lives on the device (`capturable`), so
-    every per-step scalar of the update is graph data computed on the device. With Python floats instead,
-    torch_xla turns scalars into graph constants when they round to 0 or 1 (or coincide with another
-    scalar): `1 - lr * weight_decay` reaches 1.0f as a decaying lr nears 0 and `1 - beta2**t` reaches
-    1.0f after ~16k steps, and each time the step compiles again.
-    """
-    device = next(unet.parameters()).device
-    return torch.optim.AdamW(
-        unet.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=device), betas=betas,
-        weight_decay=weight_decay, eps=eps, capturable=True, foreach=False,
-    )
-
-
-class LrSchedule:
-    """Learning rate per step: linear warm-up over `warmup_steps`, then constant, linear decay or cosine
-    decay to 0 at `total_steps` (diffusers' names). The value is computed on the host and copied into the
-    optimizer's device lr tensor (a transfer, never a graph constant). Warm-up starts at 1/(warmup+1)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
-        if name not in ("constant", "constant_with_warmup", "linear", "cosine"):
-            raise ValueError(f"unknown lr_scheduler {name!r}")
-        self.optimizer, self.name, self.warmup, self.total = optimizer, name, warmup_steps, total_steps
-        lr = optimizer.param_groups[0]["lr"]
-        self.peak = float(lr.detach().cpu()) if isinstance(lr, torch.Tensor) else float(lr)
-        self.lr = self.peak
-
-    def factor(self, step: int) -> float:
-        """Multiplier on the peak lr for 0-based `step`."""
-        import math
-
-        if self.name != "constant" and step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.name in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = min((step - self.warmup) / max(1, self.total - self.warmup), 1.0)
-        if self.name == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def set_step(self, step: int) -> float:
-        """Set the lr for 0-based `step` in every param group; returns it."""
-        self.lr = self.peak * self.factor(step)
-        for group in self.optimizer.param_groups:
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].copy_(torch.tensor(self.lr, dtype=torch.float32))
-            else:
-                group["lr"] = self.lr
-        return self.lr

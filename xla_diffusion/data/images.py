@@ -15,50 +15,43 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
 
-def load_image_caption_dataset(
-    dataset_name: str | None,
-    train_data_dir: str | None,
-    image_column: str,
-    caption_column: str,
-    dataset_config_name: str | None = None,
-    cache_dir: str | None = None,
-    max_train_samples: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    heldout_fraction: float = 0.0,
-    part: str = "train",
-) -> Any:
-    """Load the training split and keep this process's contiguous 1/process_count of it.
+def load_image_caption_dataset(data: DataConfig, process_index: int = 0, process_count: int = 1,
+                               part: str = "train") -> Any:
+    """Load the training split of `data.dataset_name` (or the imagefolder `data.train_data_dir`) and keep this
+    process's contiguous 1/process_count of it.
 
-    With `heldout_fraction` > 0 a fixed random ceil(fraction * N) samples are held out for evaluation (the
+    With `data.heldout_fraction` > 0 a fixed random ceil(fraction * N) samples are held out for evaluation (the
     same ones whatever --seed and the host count): `part="train"` returns the rest, `part="heldout"` them.
     Raises ConfigError (one line) when the data cannot be found or lacks a column.
     """
     import datasets
 
     try:
-        if dataset_name is not None:
-            ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        if data.dataset_name is not None:
+            ds = datasets.load_dataset(data.dataset_name, data.dataset_config_name, cache_dir=data.cache_dir,
+                                       split="train")
         else:
-            ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+            ds = datasets.load_dataset("imagefolder", data_dir=data.train_data_dir, cache_dir=data.cache_dir,
+                                       split="train")
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        where = dataset_name or train_data_dir
+        where = data.dataset_name or data.train_data_dir
         raise ConfigError(f"cannot load a training dataset from {where!r}: {str(e).splitlines()[0]}") from None
-    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+    for flag, column in (("--image_column", data.image_column), ("--caption_column", data.caption_column)):
         if column not in ds.column_names:
             raise ConfigError(
                 f"{flag} {column!r} is not a column of the dataset; it has: {', '.join(ds.column_names)}"
             )
-    if max_train_samples is not None:
-        ds = ds.select(range(min(max_train_samples, len(ds))))
-    if heldout_fraction > 0:
+    if data.max_train_samples is not None:
+        ds = ds.select(range(min(data.max_train_samples, len(ds))))
+    if data.heldout_fraction > 0:
         # Split before the split over hosts, so no host trains on any host's held-out samples.
-        n_heldout = min(len(ds) - 1, math.ceil(heldout_fraction * len(ds)))
+        n_heldout = min(len(ds) - 1, math.ceil(data.heldout_fraction * len(ds)))
         order = np.random.default_rng(0).permutation(len(ds))
         ds = ds.select(sorted(order[:n_heldout] if part == "heldout" else order[n_heldout:]))
     if process_count > 1:
@@ -97,36 +90,23 @@ class ImageCaptionBatches:
 
     ndims = {"pixel_values": 4, "input_ids": 2}
 
-    def __init__(
-        self,
-        dataset: Any,
-        tokenizer: Any,
-        image_column: str,
-        caption_column: str,
-        batch_size: int,
-        resolution: int,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        pixel_dtype: torch.dtype = torch.float32,
-    ):
-        if len(dataset) < batch_size:
+    def __init__(self, dataset: Any, tokenizer: Any, data: DataConfig):
+        if len(dataset) < data.batch_size:
             raise ConfigError(
-                f"this host's dataset has {len(dataset)} samples, fewer than --train_batch_size {batch_size}"
+                f"this host's dataset has {len(dataset)} samples, fewer than --train_batch_size {data.batch_size}"
             )
-        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
-        self.pixel_dtype = pixel_dtype
-        transform = image_transform(resolution, center_crop, random_flip)
-        rng = random.Random(seed)
+        self.batch_size, self.num_workers, self.seed = data.batch_size, data.num_workers, data.seed
+        self.pixel_dtype = data.text_dtype  # the frozen encoders' dtype
+        transform = image_transform(data.resolution, data.center_crop, data.random_flip)
+        rng = random.Random(data.seed)
 
         def preprocess(examples: dict[str, list]) -> dict[str, Any]:
             captions = []
-            for c in examples[caption_column]:
+            for c in examples[data.caption_column]:
                 # Datasets with several captions per image (lists) get one picked at random.
                 captions.append(c if isinstance(c, str) else rng.choice(list(c)))
             return {
-                "pixel_values": [transform(img.convert("RGB")) for img in examples[image_column]],
+                "pixel_values": [transform(img.convert("RGB")) for img in examples[data.image_column]],
                 "input_ids": tokenize(tokenizer, captions),
             }
 
@@ -138,12 +118,9 @@ class ImageCaptionBatches:
             "input_ids": torch.stack([e["input_ids"] for e in examples]),
         }
 
-    def ordered_pass(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass in dataset order (no shuffling, last partial batch dropped): the evaluation reader."""
-        yield from torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers,
-            collate_fn=self._collate,
-        )
+    def ordered(self) -> OrderedImageBatches:
+        """A re-iterable single pass in dataset order: the evaluation reader."""
+        return OrderedImageBatches(self)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch = 0
@@ -156,3 +133,18 @@ class ImageCaptionBatches:
             )
             yield from loader
             epoch += 1
+
+
+class OrderedImageBatches:
+    """Re-iterable single pass over an `ImageCaptionBatches`' dataset in order (no shuffling, last partial batch
+    dropped), with the same preprocessing and collation as training."""
+
+    def __init__(self, batches: ImageCaptionBatches):
+        self.batches, self.ndims = batches, batches.ndims
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        b = self.batches
+        yield from torch.utils.data.DataLoader(
+            b.dataset, batch_size=b.batch_size, shuffle=False, drop_last=True, num_workers=b.num_workers,
+            collate_fn=b._collate,
+        )

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import fsio
-from ..config import ConfigError
+from ..errors import ConfigError
 from .tar_stream import iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,43 @@ def decode_sample(sample: dict[str, Any], manifest: LatentManifest) -> dict[str,
     return out
 
 
+def read_shard(url: str, manifest: LatentManifest, errors: Counter) -> Iterator[dict[str, torch.Tensor]]:
+    """The decoded samples of one latent shard, in order; damaged members and undecodable samples are
+    skipped and counted in `errors` (the tar reader's reasons, and `bad_sample`)."""
+    fs, path = fsio.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        for sample in iter_tar_samples(f, errors):
+            try:
+                decoded = decode_sample(sample, manifest)
+            except Exception as e:  # noqa: BLE001 (any undecodable sample is skipped, not fatal)
+                errors["bad_sample"] += 1
+                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), url, e)
+                continue
+            yield decoded
+
+
+def collate(samples: list[dict[str, torch.Tensor]], use_text_states: bool, text_dtype: torch.dtype
+            ) -> dict[str, torch.Tensor]:
+    """Samples → one host batch: `latent_mean`, `latent_std` (B, C, h, w) bf16, and `encoder_hidden_states`
+    (B, L, D) in `text_dtype` (the dtype the text encoder would have produced in the step) or `input_ids` (B, L)
+    int64."""
+    batch = {
+        "latent_mean": torch.stack([s["latent_mean"] for s in samples]),
+        "latent_std": torch.stack([s["latent_std"] for s in samples]),
+    }
+    if use_text_states:
+        batch["encoder_hidden_states"] = torch.stack([s["encoder_hidden_states"] for s in samples]).to(text_dtype)
+    else:
+        batch["input_ids"] = torch.stack([s["input_ids"] for s in samples]).long()
+    return batch
+
+
+def batch_ndims(use_text_states: bool) -> dict[str, int]:
+    """Rank of every key `collate` yields (the device loader shards each one on dim 0)."""
+    text = {"encoder_hidden_states": 3} if use_text_states else {"input_ids": 2}
+    return {"latent_mean": 4, "latent_std": 4, **text}
+
+
 class _LatentSampleStream(torch.utils.data.IterableDataset):
     """Endless batches from a list of shards, for one host; split further among DataLoader workers."""
 
@@ -180,36 +217,17 @@ class _LatentSampleStream(torch.utils.data.IterableDataset):
             rng.shuffle(order)
             yielded = 0
             for url in order:
-                fs, path = fsio.url_to_fs(url)
                 before = sum(self.errors.values())
-                with fs.open(path, "rb") as f:
-                    for sample in iter_tar_samples(f, self.errors):
-                        try:
-                            decoded = decode_sample(sample, self.manifest)
-                        except Exception as e:  # noqa: BLE001 (any undecodable sample is skipped, not fatal)
-                            self.errors["bad_sample"] += 1
-                            log.warning("skipping sample %s of %s: %s", sample.get("__key__"), url, e)
-                            continue
-                        yielded += 1
-                        yield decoded
+                for decoded in read_shard(url, self.manifest, self.errors):
+                    yielded += 1
+                    yield decoded
                 if sum(self.errors.values()) > before:
                     log.warning("latent shard %s: skipped so far %s", url, dict(self.errors))
             if not yielded:
                 raise RuntimeError(f"no readable sample in the latent shards {shards}")
 
     def _collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = {
-            "latent_mean": torch.stack([s["latent_mean"] for s in samples]),
-            "latent_std": torch.stack([s["latent_std"] for s in samples]),
-        }
-        if self.use_text_states:
-            # The step feeds these straight to the UNet, in the dtype the text encoder would have produced.
-            batch["encoder_hidden_states"] = torch.stack([s["encoder_hidden_states"] for s in samples]).to(
-                self.text_dtype
-            )
-        else:
-            batch["input_ids"] = torch.stack([s["input_ids"] for s in samples]).long()
-        return batch
+        return collate(samples, self.use_text_states, self.text_dtype)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         import webdataset as wds
@@ -221,6 +239,29 @@ class _LatentSampleStream(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         yield from wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
+
+
+class OrderedLatentBatches:
+    """Re-iterable single pass over shards in their order (held-out evaluation): the same shard reader and
+    collation as the training stream, no shuffling, at most `max_samples` samples, last partial batch dropped."""
+
+    def __init__(self, manifest: LatentManifest, shards: list[str], batch_size: int, use_text_states: bool,
+                 text_dtype: torch.dtype, max_samples: int | None = None):
+        self.manifest, self.shards, self.batch_size = manifest, shards, batch_size
+        self.use_text_states, self.text_dtype, self.max_samples = use_text_states, text_dtype, max_samples
+        self.ndims = batch_ndims(use_text_states)
+        self.errors: Counter = Counter()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        samples = (s for url in self.shards for s in read_shard(url, self.manifest, self.errors))
+        chunk: list[dict[str, torch.Tensor]] = []
+        for count, sample in enumerate(samples):
+            if self.max_samples is not None and count >= self.max_samples:
+                return
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield collate(chunk, self.use_text_states, self.text_dtype)
+                chunk = []
 
 
 class LatentShardBatches:
@@ -256,8 +297,7 @@ class LatentShardBatches:
             # Distinct streams per host; the same for every run with this seed.
             seed=seed * 1_000_003 + process_index, text_dtype=text_dtype, use_text_states=self.use_text_states,
         )
-        self.ndims = {"latent_mean": 4, "latent_std": 4}
-        self.ndims.update({"encoder_hidden_states": 3} if self.use_text_states else {"input_ids": 2})
+        self.ndims = batch_ndims(self.use_text_states)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -267,32 +307,30 @@ class LatentShardBatches:
         yield from loader
 
 
-def build_latent_source(cfg: Any, models: Any, rt: Any, manifest: LatentManifest) -> Any:
-    """The trainer's data source for a latent dataset: this host's `LatentShardBatches` wrapped with the
-    per-step randomness (`noise`, `timesteps`, and `latent_eps` to sample the stored posterior).
-    Raises ConfigError when the latents do not fit the model or the flags."""
-    from ..models import frozen_dtype
+def build_latent_source(data: Any, models: Any, rt: Any, manifest: LatentManifest) -> Any:
+    """The trainer's data source for a latent dataset (`data`: a `data.source.DataConfig`): this host's
+    `LatentShardBatches` wrapped with the per-step randomness (`noise`, `timesteps`, and `latent_eps` to sample
+    the stored posterior). Raises ConfigError when the latents do not fit the model or the flags."""
     from .randomness import WithDiffusionRandomness
 
-    if cfg.random_flip:
+    if data.random_flip:
         raise ConfigError("--random_flip cannot apply to pre-encoded latents (they were encoded unflipped)")
     text_encoder = models.text_encoder
     check_matches_model(
-        manifest, models.unet.config, cfg.resolution,
+        manifest, models.unet.config, data.resolution,
         text_hidden_size=None if manifest.has_text_states else text_encoder.config.hidden_size,
         tokenizer_max_length=None if manifest.has_text_states else models.tokenizer.model_max_length,
     )
-    vae_config = models.vae_config if models.vae_config is not None else getattr(models.vae, "config", None)
-    if vae_config is not None and abs(float(vae_config.scaling_factor) - manifest.scaling_factor) > 1e-9:
+    vae_config = models.vae_config
+    if abs(float(vae_config.scaling_factor) - manifest.scaling_factor) > 1e-9:
         log.warning(
-            "the latent shards were encoded with scaling_factor %s but %s's VAE has %s; training uses the "
-            "shards' value", manifest.scaling_factor, cfg.pretrained_model_name_or_path, vae_config.scaling_factor,
+            "the latent shards were encoded with scaling_factor %s but the pipeline's VAE has %s; training uses "
+            "the shards' value", manifest.scaling_factor, vae_config.scaling_factor,
         )
     shards = list_shards(manifest.root)
     batches = LatentShardBatches(
-        manifest, cfg.train_batch_size, rt.process_index, rt.process_count, cfg.dataloader_num_workers,
-        shuffle_buffer=cfg.shuffle_buffer_size, seed=cfg.seed, text_dtype=frozen_dtype(cfg.mixed_precision),
-        shards=shards,
+        manifest, data.batch_size, rt.process_index, rt.process_count, data.num_workers,
+        shuffle_buffer=data.shuffle_buffer_size, seed=data.seed, text_dtype=data.text_dtype, shards=shards,
     )
     log.info(
         "training on pre-encoded latents at %s: %d of %d shards on this host, text states %s",
@@ -301,11 +339,10 @@ def build_latent_source(cfg: Any, models: Any, rt: Any, manifest: LatentManifest
     )
     source = WithDiffusionRandomness(
         batches, manifest.latent_shape, models.noise_scheduler.config.num_train_timesteps,
-        seed=cfg.seed, process_index=rt.process_index,
+        seed=data.seed, process_index=rt.process_index,
     )
-    # For caption dropout (trainer.empty_prompt): the empty caption in the form the batches carry.
-    source.empty_prompt = read_empty_prompt(manifest, frozen_dtype(cfg.mixed_precision)) \
-        if batches.use_text_states else None
+    # For caption dropout (data.source.empty_prompt): the empty caption in the form the batches carry.
+    source.empty_prompt = read_empty_prompt(manifest, data.text_dtype) if batches.use_text_states else None
     return source
 
 

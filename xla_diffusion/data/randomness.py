@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sample `index` (sampling and the fixed-timestep validation loss): its initial noise
+    and any noise a stochastic scheduler adds come from it alone, so a sample does not depend on its batch.
+    SeedSequence mixes (seed, index) so nearby pairs give unrelated streams."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 class WithDiffusionRandomness:

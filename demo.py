@@ -7,20 +7,23 @@
 4. sampling held-out prompts (prompt combinations never seen in training) with classifier-free guidance
    → a labelled grid PNG, and the pixel-level prompt-adherence scores.
 
-`--preset quality` is the longer run (`make demo-quality`).
+`--preset quality` is the longer run (`make demo-quality`). Run as `python demo.py` (what `make demo` does).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from argparse import RawDescriptionHelpFormatter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from xla_diffusion.cli import OneLineParser, run_cli
+from xla_diffusion.errors import UserError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 PRESETS = {
     # ≤ 15 minutes on 2 cores end to end; trains on the 4-device mesh (GSPMD batch sharding)
@@ -42,11 +45,11 @@ def _run(module_or_script: list[str], num_devices: int) -> None:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     print(f"\n$ CPU_NUM_DEVICES={num_devices} python {shlex.join(module_or_script)}", flush=True)
     if subprocess.run([sys.executable, *module_or_script], env=env, cwd=ROOT).returncode:
-        raise SystemExit(f"demo: stage failed: {module_or_script[:2]}")
+        raise UserError(f"demo: stage failed: {module_or_script[:2]}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default=None, help="default: demo_output/ (demo_output_quality/ for quality)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--max_train_steps", type=int, default=None, help="override the preset")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
     )
     if score.returncode:
-        raise SystemExit(f"demo: scoring failed: {score.stderr.strip().splitlines()[-1:]}")
+        raise UserError(f"demo: scoring failed: {score.stderr.strip().splitlines()[-1:]}")
     with open(os.path.join(model, "train_summary.json")) as f:
         summary = json.load(f)
     print(
@@ -130,4 +133,4 @@ def validation_curve(model_dir: str, seconds_per_step: float) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

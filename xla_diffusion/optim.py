@@ -1,0 +1,69 @@
+"""The optimizer and its learning-rate schedule.
+
+AdamW keeps fp32 moments beside the fp32 master weights. Every per-step scalar it uses lives on the device (a
+0-d lr tensor, `capturable=True` step counts), so a changing learning rate is graph data, never a graph constant
+that would recompile the step. The schedule is diffusers' own (`diffusers.optimization.get_scheduler`): the
+same name gives the same lr at every step as in diffusers' scripts, computed on the host and copied into the
+optimizer's lr tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# The names diffusers' train_text_to_image.py accepts for --lr_scheduler.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def make_optimizer(
+    module: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float
+) -> torch.optim.Optimizer:
+    """AdamW over the module's fp32 parameters; its moments are fp32 too (they follow the parameters).
+
+    The learning rate is a 0-d device tensor and the step count lives on the device (`capturable`), so every
+    per-step scalar of the update is graph data computed on the device. With Python floats instead, torch_xla
+    turns scalars into graph constants when they round to 0 or 1 (or coincide with another scalar):
+    `1 - lr * weight_decay` reaches 1.0f as a decaying lr nears 0 and `1 - beta2**t` reaches 1.0f after ~16k
+    steps, and each time the step compiles again.
+    """
+    device = next(module.parameters()).device
+    return torch.optim.AdamW(
+        module.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=device), betas=betas,
+        weight_decay=weight_decay, eps=eps, capturable=True, foreach=False,
+    )
+
+
+def lr_factor_fn(name: str, warmup_steps: int, total_steps: int, peak_lr: float) -> Callable[[int], float]:
+    """The multiplier on the peak lr at 0-based optimizer step k, exactly as diffusers' `get_scheduler(name,
+    num_warmup_steps, num_training_steps)` applies it (its LambdaLR's lambda, read off a throw-away optimizer
+    with the same peak lr: the polynomial schedule's factor depends on it)."""
+    from diffusers.optimization import get_scheduler
+
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr_scheduler {name!r}; expected one of {', '.join(LR_SCHEDULERS)}")
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak_lr)
+    return get_scheduler(name, probe, num_warmup_steps=warmup_steps, num_training_steps=total_steps).lr_lambdas[0]
+
+
+class LrSchedule:
+    """Learning rate per optimizer step; `set_step(k)` writes it into every param group (the device lr tensor:
+    a transfer, never a graph constant) before update k + 1 runs. Its only state is the step it is asked for."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
+        self.optimizer = optimizer
+        lr = optimizer.param_groups[0]["lr"]
+        self.peak = float(lr.detach().cpu()) if isinstance(lr, torch.Tensor) else float(lr)
+        self.factor = lr_factor_fn(name, warmup_steps, total_steps, self.peak)
+        self.lr = self.peak
+
+    def set_step(self, step: int) -> float:
+        """Set the lr for 0-based optimizer step `step` in every param group; returns it."""
+        self.lr = self.peak * self.factor(step)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(torch.tensor(self.lr, dtype=torch.float32))
+            else:
+                group["lr"] = self.lr
+        return self.lr

@@ -1,0 +1,48 @@
+"""The training state: everything a run changes and a checkpoint must hold — the fp32 UNet master weights on
+the mesh, AdamW and its moments, the lr schedule, the EMA shadows and the number of optimizer updates done."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .ema import EmaWeights
+from .optim import LrSchedule, make_optimizer
+
+
+@dataclass
+class TrainState:
+    unet: torch.nn.Module  # on the device, fp32, in train mode
+    optimizer: torch.optim.Optimizer
+    lr_schedule: LrSchedule
+    ema: EmaWeights | None
+    step: int = 0  # optimizer updates done
+
+    @classmethod
+    def create(cls, unet: torch.nn.Module, cfg: Any) -> TrainState:
+        """A fresh state around a UNet already on the device, from the optimisation fields of a TrainConfig."""
+        optimizer = make_optimizer(
+            unet, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon
+        )
+        return cls(
+            unet=unet, optimizer=optimizer,
+            lr_schedule=LrSchedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps),
+            ema=EmaWeights(list(unet.parameters()), cfg.ema_decay) if cfg.use_ema else None,
+        )
+
+    def begin_step(self) -> float:
+        """Fill the device scalars of update `step + 1` from the host (lr, EMA decay); returns the lr."""
+        lr = self.lr_schedule.set_step(self.step)
+        if self.ema is not None:
+            self.ema.set_update(self.step + 1)
+        return lr
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Within the block the UNet holds the weights to evaluate and export: the EMA when there is one."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            yield
