@@ -36,6 +36,12 @@ class TooManyCompilations(UserError, RuntimeError):
     exit_code = 1
 
 
+class DataError(UserError, RuntimeError):
+    """The training data stopped: no usable sample left, or a loader worker died (the message names the cause)."""
+
+    exit_code = 1
+
+
 def check(rules: Iterable[tuple[object, str]], error: type[UserError] = ConfigError) -> None:
     """Raise `error(message)` for the first `(bad, message)` whose `bad` is true; the validation of every
     config dataclass (`__post_init__`) goes through here."""
