@@ -67,13 +67,13 @@ def main() -> None:
     from tests.gcs_emulator import make_bucket, start_emulator
     from xla_diffusion import checkpoint, runtime
     from xla_diffusion.ema import EmaWeights
+    from xla_diffusion.optim import make_optimizer, prime_optimizer
     from xla_diffusion.tiny import build_unet
-    from xla_diffusion.train_step import make_optimizer
 
     rt = runtime.init_runtime()
     unet = build_unet().to(rt.device)
     opt = make_optimizer(unet, 1e-4, (0.9, 0.999), 1e-2, 1e-8)
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     ema = EmaWeights(list(unet.parameters()), 0.9999)
     state = checkpoint.training_state(unet, opt, ema.shadow)
     n_params = sum(p.numel() for p in unet.parameters())

@@ -22,7 +22,7 @@ marker, and applies retention. `wait()` blocks until the checkpoint is durable a
 save as one `CheckpointError` line.
 
 Restoring is in place: the caller builds the model and optimizer as for a fresh run (placed and sharded on
-the mesh), `prime_optimizer` creates the optimizer state to load into, and `Checkpointer.restore` checks the
+the mesh), `optim.prime_optimizer` creates the optimizer state to load into, and `Checkpointer.restore` checks the
 config fingerprint and the tensor names/shapes/dtypes against the checkpoint's index (one error line on a
 mismatch) before the distributed load reads each process's chunks into its device tensors. The load
 reshards: a checkpoint written on 4 devices loads on 1 device, or with another sharding, since every
@@ -47,9 +47,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
 
 from . import fsio, runtime
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,16 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written, found or restored; the message is one line for the user."""
+
+    exit_code = 1
+
+
+class ResumeFromError(CheckpointError):
+    """--resume_from_checkpoint names no usable checkpoint (bad input: exit code 2)."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -200,47 +208,19 @@ def find_resume_checkpoint(output_dir: str, resume_from: str | None) -> Checkpoi
             path = fsio.join(checkpoints_root(output_dir), path)
         exists = fsio.exists(path)
     except Exception as e:
-        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: cannot read it: {_one_line(e)}") from None
+        raise ResumeFromError(f"--resume_from_checkpoint {resume_from}: cannot read it: {_one_line(e)}") from None
     m = _STEP_DIR.match(os.path.basename(path))
     if not exists:
-        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: no such checkpoint")
+        raise ResumeFromError(f"--resume_from_checkpoint {resume_from}: no such checkpoint")
     if m is None:
-        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: not a step_XXXXXXXX checkpoint directory")
+        raise ResumeFromError(f"--resume_from_checkpoint {resume_from}: not a step_XXXXXXXX checkpoint directory")
     reason = verify(path)
     if reason is not None:
-        raise CheckpointError(f"--resume_from_checkpoint {resume_from}: incomplete checkpoint: {reason}")
+        raise ResumeFromError(f"--resume_from_checkpoint {resume_from}: incomplete checkpoint: {reason}")
     return CheckpointInfo(path, int(m.group(1)))
 
 
 # ------------------------------------------------------------------------------------ state to save
-
-
-def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam/AdamW's per-parameter state (step, exp_avg, exp_avg_sq[, max_exp_avg_sq]) as zeros, so a
-    checkpoint can be loaded into it in place; parameters that already have state are left alone.
-
-    The tensors are what `torch.optim.AdamW` itself would create at its first step (same keys, dtypes,
-    devices; `step` a 0-d float32 tensor on the parameter's device under `capturable`), with each moment
-    sharded like its parameter. They are made by host-to-device transfers, so priming compiles nothing
-    and leaves the parameters untouched (torch_xla's `prime_optimizer` runs a zero-gradient step instead:
-    one more compiled graph, ~14 s for the tiny UNet on 4 CPU devices).
-    """
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise TypeError(f"prime_optimizer knows Adam/AdamW state, not {type(optimizer).__name__}")
-    for group in optimizer.param_groups:
-        if group.get("fused"):
-            raise TypeError("prime_optimizer does not handle fused Adam/AdamW (its step lives elsewhere)")
-        for p in group["params"]:
-            if optimizer.state.get(p):
-                continue
-            # torch's own choice of dtype for `step` (float32 unless the default dtype is float64)
-            step = torch.zeros((), dtype=_get_scalar_dtype())
-            if group["capturable"]:
-                step = step.to(p.device)
-            state = {"step": step, "exp_avg": runtime.device_zeros_like(p), "exp_avg_sq": runtime.device_zeros_like(p)}
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = runtime.device_zeros_like(p)
-            optimizer.state[p] = state
 
 
 def training_state(

@@ -333,3 +333,22 @@ def describe_mesh(mesh: object | None) -> dict:
         desc.update(shape=[int(n) for n in mesh.mesh_shape], axes=[str(a) for a in mesh.axis_names],
                     device_ids=[int(i) for i in np.asarray(mesh.device_ids).ravel()])
     return desc
+
+
+def activate_preemption_sync() -> None:
+    """Start XLA's preemption sync manager (several processes, i.e. a TPU pod): a SIGTERM on any host becomes
+    a preemption notice in the XLA coordination service, and every host's `preemption_sync_point` then turns
+    True at the same step. XLA installs its own SIGTERM handler for this."""
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    torch_xla._XLAC._ensure_xla_coordinator_initialized(xr.process_index(), xr.process_count(), xr.get_master_ip())
+    torch_xla._XLAC._activate_preemption_sync_manager()
+
+
+def preemption_sync_point(step: int) -> bool:
+    """True at the step all hosts agreed to stop at after a preemption notice (`activate_preemption_sync`).
+    Host-local: a mutex and a comparison in XLA's manager; it blocks only while the hosts agree, once."""
+    import torch_xla
+
+    return bool(torch_xla._XLAC._sync_point_reached(step))
