@@ -9,8 +9,8 @@ emulators accept anonymous requests, so unless a token is configured we use `tok
 probing for Google credentials (which stalls on the metadata-server lookup off GCP).
 
 The first gs:// access of a process opens one TCP connection to the store (10 s timeout): an unreachable
-store is then a one-line `ConnectionError` at once, not gcsfs's retries for ~40 s; and gcsfs's give-up
-messages are logged without their tracebacks.
+store is then a one-line `StoreUnreachable` (a ConnectionError) at once, not gcsfs's retries for ~40 s; and
+gcsfs's give-up messages are logged without their tracebacks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import socket
 import tempfile
 import urllib.parse
 from typing import Any
+
+from .errors import StoreUnreachable
 
 
 def _configure_emulator_auth() -> None:
@@ -70,7 +72,7 @@ def _check_reachable(host: str, port: int) -> None:
     try:
         socket.create_connection((host, port), timeout=REACHABLE_TIMEOUT_S).close()
     except OSError as e:
-        raise ConnectionError(f"cannot reach the object store at {host}:{port}: {e.strerror or e}") from None
+        raise StoreUnreachable(f"cannot reach the object store at {host}:{port}: {e.strerror or e}") from None
 
 
 
