@@ -8,6 +8,7 @@ reshards them.
 
     python -m tests.checkpoint_worker restore OUTPUT_DIR OUT.pt      # restore the latest checkpoint, dump it
     python -m tests.checkpoint_worker twoproc RANK PORT OUTPUT_DIR OUT.json LATENTS_DIR
+    python -m tests.checkpoint_worker preempted OUTPUT_DIR SNAPSHOT.pt   # steps until SIGTERM
 """
 
 from __future__ import annotations
@@ -159,6 +160,46 @@ def _twoproc(rank: int, port: int, output_dir: str, out: str, latents: str) -> N
     dist.destroy_process_group()
 
 
+def _preempted(output_dir: str, snapshot: str) -> None:
+    """The trainer's checkpoint cadence and SIGTERM handling (`resume.RunCheckpoints`) around the toy state:
+    a checkpoint every 3 steps, steps until a SIGTERM, then the preemption checkpoint, whose marker write is
+    made slow (a slow store) so that the test's second SIGTERM lands while it is being written."""
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from xla_diffusion import fsio
+    from xla_diffusion.resume import FINGERPRINT_FIELDS, RunCheckpoints
+
+    logging.basicConfig(level=logging.INFO)
+    rt = runtime.init_runtime()
+    model, opt, ema = build(rt, seed=0)
+    cfg = SimpleNamespace(**dict.fromkeys(FINGERPRINT_FIELDS), output_dir=output_dir, checkpointing_steps=3,
+                          checkpoints_total_limit=None)
+    run = RunCheckpoints(cfg, rt)
+    train_state = SimpleNamespace(unet=model, optimizer=opt, ema=ema, step=0)
+    run.preemption.install()
+    write_marker = fsio.write_json_atomic
+
+    def slow_marker(dest, obj):
+        if obj.get("step", 0) > 3:
+            print("writing the preemption checkpoint", flush=True)
+            time.sleep(120)
+        write_marker(dest, obj)
+
+    fsio.write_json_atomic = slow_marker
+    for step in range(1, 1000):
+        train_step(rt, model, opt, ema, step)
+        train_state.step = step
+        if step == 3:
+            torch.save(host_snapshot(model, opt, ema), snapshot)
+        stop = run.after_step(step, train_state, {"batches": step})
+        print(f"step {step}", flush=True)
+        if stop:
+            raise SystemExit("the second SIGTERM did not end the process")
+        time.sleep(0.2)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     mode, args = sys.argv[1], sys.argv[2:]
@@ -166,5 +207,7 @@ if __name__ == "__main__":
         _restore(*args)
     elif mode == "twoproc":
         _twoproc(int(args[0]), int(args[1]), args[2], args[3], args[4])
+    elif mode == "preempted":
+        _preempted(*args)
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -19,14 +19,15 @@ def cli_env(num_devices: int = 4) -> dict[str, str]:
     return env
 
 
-def start_cli(args: list[str], log_prefix: str, num_devices: int = 4, script: str = SCRIPT) -> subprocess.Popen:
+def start_cli(args: list[str], log_prefix: str, num_devices: int = 4, script: str = SCRIPT,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the CLI with stdout/stderr going to `<log_prefix>.out/.err` (files, not pipes: several runs
-    go at once and a full pipe would stall one)."""
+    go at once and a full pipe would stall one); `env` overrides variables of the environment."""
     os.makedirs(os.path.dirname(log_prefix), exist_ok=True)
     with open(log_prefix + ".out", "w") as out, open(log_prefix + ".err", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, script, *args], env=cli_env(num_devices), cwd=ROOT, stdout=out, stderr=err,
-            stdin=subprocess.DEVNULL,
+            [sys.executable, script, *args], env={**cli_env(num_devices), **(env or {})}, cwd=ROOT, stdout=out,
+            stderr=err, stdin=subprocess.DEVNULL,
         )
     proc.log_prefix = log_prefix  # type: ignore[attr-defined]
     return proc

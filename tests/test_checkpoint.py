@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import torch
 from tests.checkpoint_worker import FINGERPRINT, build, host_snapshot, state, train_step
 from xla_diffusion import checkpoint, fsio, runtime
 from xla_diffusion.checkpoint import Checkpointer, CheckpointError
+from xla_diffusion.optim import prime_optimizer
+from xla_diffusion.resume import FINGERPRINT_FIELDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +98,7 @@ def test_restore_is_bitwise_and_training_continues_bitwise(ref):
     equal to A's step-2 state bit for bit; two more updates equal A's step 4 bit for bit."""
     model, opt, ema = build(ref.rt, seed=99)
     before = runtime.compile_count()
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     host = Checkpointer(ref.out, mesh=ref.rt.mesh).restore(checkpoint.step_dir(ref.out, 2), state(model, opt, ema),
                                                            FINGERPRINT)
     assert runtime.compile_count() == before, "priming or restoring compiled a graph"
@@ -121,7 +124,7 @@ def test_restore_is_bitwise_and_training_continues_bitwise(ref):
 def test_primed_state_matches_adamw(ref):
     model, opt, _ = build(ref.rt, seed=1)
     before = runtime.compile_count()
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     assert runtime.compile_count() == before
     for (name, p), q in zip(model.named_parameters(), ref.model.parameters()):
         primed, real = opt.state[p], ref.opt.state[q]
@@ -168,7 +171,7 @@ def test_damaged_newest_is_skipped_with_one_warning(ref, tmp_path, caplog, how):
     assert "incomplete checkpoint" in str(e.value) and "\n" not in str(e.value)
     # the fallback restores fine
     model, opt, ema = build(ref.rt, seed=5)
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     Checkpointer(out, mesh=ref.rt.mesh).restore(found, state(model, opt, ema), FINGERPRINT)
     _assert_bitwise(ref.snap2, host_snapshot(model, opt, ema))
 
@@ -217,7 +220,7 @@ def test_retention(ref, tmp_path, caplog, monkeypatch):
 
 def test_fingerprint_mismatch_is_one_line(ref):
     model, opt, ema = build(ref.rt, seed=5)
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     with pytest.raises(CheckpointError) as e:
         Checkpointer(ref.out).restore(checkpoint.latest_complete(ref.out), state(model, opt, ema),
                                       {**FINGERPRINT, "train_batch_size": 64})
@@ -233,7 +236,7 @@ def test_fingerprint_mismatch_is_one_line(ref):
 
 def test_checkpoint_of_another_model_is_one_line(ref):
     model, opt, ema = build(ref.rt, seed=5, hidden=32)
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     with pytest.raises(CheckpointError) as e:
         Checkpointer(ref.out).restore(checkpoint.latest_complete(ref.out), state(model, opt, ema), FINGERPRINT)
     msg = str(e.value)
@@ -265,7 +268,7 @@ def test_resume_resolution_and_bad_paths(ref, tmp_path, caplog):
                                                  FINGERPRINT)
     prime = SimpleNamespace()
     with pytest.raises(TypeError):
-        checkpoint.prime_optimizer(prime)
+        prime_optimizer(prime)
 
 
 def test_same_devices_other_mesh_layout_reshards(ref):
@@ -276,7 +279,7 @@ def test_same_devices_other_mesh_layout_reshards(ref):
 
     mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "fsdp"))
     model, opt, ema = build(SimpleNamespace(device=ref.rt.device, mesh=mesh, num_devices=4), seed=5)
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     specs = {k: runtime.sharding_spec_string(t) for k, t in checkpoint.flat_tensors(state(model, opt, ema)).items()}
     assert specs["module.0.weight"] == "{devices=[2,1,2]0,1,2,3 last_tile_dim_replicate}"
     before = runtime.compile_count()
@@ -312,7 +315,7 @@ def test_gcs_save_restore_and_damage(ref, gcs_emulator, caplog):
     ckpt.close()
     assert _steps(out) == [4, 8] and checkpoint.latest_complete(out).step == 8
     model, opt, ema = build(ref.rt, seed=5)
-    checkpoint.prime_optimizer(opt)
+    prime_optimizer(opt)
     host = Checkpointer(out).restore(checkpoint.latest_complete(out), state(model, opt, ema), FINGERPRINT)
     assert host == {"global_step": 8}
     _assert_bitwise(ref.snap4, host_snapshot(model, opt, ema))
@@ -334,14 +337,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_write_one_checkpoint(tmp_path):
+def test_two_processes_write_one_checkpoint(ref, tmp_path):
     """Two processes, each its own 2-device SPMD job (torch_xla 2.9 cannot make CPU processes one job),
     joined by a gloo group: one collective save (each process its own host state, process 0 the marker
-    after both), then a collective restore into fresh tensors, bitwise, on both."""
+    after both), then a collective restore into fresh tensors, bitwise, on both. Then the host side of the
+    data: each process reads its own latent shards, saves its consumed position in its own host state, and
+    after a restore continues with exactly the batches it would have read."""
+    from tests.checkpoint_worker import toy_latents
+
     out, port = str(tmp_path / "run"), _free_port()
+    latents = str(tmp_path / "latents")
+    os.makedirs(latents)
+    toy_latents(latents)
     env = {**os.environ, "CPU_NUM_DEVICES": "2", "PJRT_DEVICE": "CPU"}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.checkpoint_worker", "twoproc", str(rank), str(port), out,
-                               str(tmp_path / f"r{rank}.json")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               str(tmp_path / f"r{rank}.json"), latents], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -362,3 +372,113 @@ def test_two_processes_write_one_checkpoint(tmp_path):
     assert "__1_0.distcp" in names
     chunk_files = {info.relative_path for info in checkpoint._read_dcp_metadata(path).storage_data.values()}
     assert chunk_files == {"__0_0.distcp"}
+    # the data: each host its own shards (shards 0, 2 and 1, 3 of 13 samples: numbers 0-12, 26-38 and 13-25,
+    # 39-51), its own position in its own host state, resumed without replaying
+    seen = [{i for b in r["data"]["before"] + r["data"]["after"] for i in b} for r in results]
+    assert not seen[0] & seen[1]
+    assert seen[0] <= set(range(0, 13)) | set(range(26, 39)) and seen[1] <= set(range(13, 26)) | set(range(39, 52))
+    # a run with another process count cannot take over the hosts' data positions and random streams
+    model, opt, ema = build(ref.rt, seed=5)
+    prime_optimizer(opt)
+    with pytest.raises(CheckpointError, match="written by 2 processes and this run has 1"):
+        Checkpointer(str(tmp_path / "other")).restore(path, state(model, opt, ema), FINGERPRINT)
+    for rank, r in enumerate(results):
+        assert r["data"]["resumed"] == r["data"]["after"]
+        saved = fsio.read_json(os.path.join(checkpoint.step_dir(out + "_data", 5), f"host_state_0000{rank}.json"))
+        assert saved["state"]["data"] == r["data"]["position"] and saved["process_index"] == rank
+        assert r["data"]["position"]["batches"] == 5
+
+
+@pytest.mark.parametrize("error", [
+    ConnectionError("Cannot connect to host storage.googleapis.com:443"),
+    OSError(28, "No space left on device"),
+    PermissionError(13, "Forbidden: the service account may not write this bucket"),
+], ids=["unreachable", "no_space", "permission"])
+def test_gcs_save_failure_is_one_line_and_keeps_the_last_checkpoint(ref, gcs_emulator, monkeypatch, error):
+    """A save to gs:// whose shard writes fail (simulated: the storage writer raises what gcsfs raises for a lost
+    connection, a full quota, a refused write) stops with one line; the last complete checkpoint, the only one
+    kept with a limit of 1, is still complete and restores bitwise."""
+    from torch.distributed.checkpoint import _fsspec_filesystem
+
+    from tests.gcs_emulator import make_bucket
+
+    out = make_bucket(f"ckpt-fail-{type(error).__name__.lower()}-{getattr(error, 'errno', 0) or 0}") + "/run"
+    ckpt = Checkpointer(out, total_limit=1, mesh=ref.rt.mesh)
+    st = state(ref.model, ref.opt, ref.ema)
+    ckpt.save(4, st, {"global_step": 4}, FINGERPRINT)
+    ckpt.wait()
+
+    def broken(self, path, mode):
+        raise error
+
+    monkeypatch.setattr(_fsspec_filesystem.FileSystem, "create_stream", broken)
+    ckpt.save(8, st, {"global_step": 8}, FINGERPRINT)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.wait()
+    monkeypatch.undo()
+    ckpt.close()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {checkpoint.step_dir(out, 8)} was not written: "), msg
+    assert str(error).split(":")[0].split("] ")[-1] in msg, msg
+    assert checkpoint.latest_complete(out).step == 4
+    model, opt, ema = build(ref.rt, seed=5)
+    prime_optimizer(opt)
+    Checkpointer(out, mesh=ref.rt.mesh).restore(checkpoint.latest_complete(out), state(model, opt, ema), FINGERPRINT)
+    _assert_bitwise(ref.snap4, host_snapshot(model, opt, ema))
+
+
+def test_unreachable_store_is_one_line_in_seconds(monkeypatch):
+    """Nothing listens at the store's address: the checkpoint root, `latest` and a latent dataset there each fail
+    with one line at once (gcsfs alone retries 6 times with back-off, ~40 s, logging a traceback)."""
+    from xla_diffusion.data.latents import read_manifest
+    from xla_diffusion.errors import ConfigError
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer("gs://bucket/run")
+    assert str(e.value) == ("cannot write checkpoints under gs://bucket/run/checkpoints: StoreUnreachable: cannot "
+                            "reach the object store at 127.0.0.1:1: Connection refused")
+    with pytest.raises(CheckpointError, match=r"^cannot list checkpoints under gs://bucket/run/checkpoints: "):
+        checkpoint.find_resume_checkpoint("gs://bucket/run", "latest")
+    with pytest.raises(ConfigError, match=r"^cannot read gs://bucket/latents/manifest.json: cannot reach the object"):
+        read_manifest("gs://bucket/latents")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_second_sigterm_exits_at_once_and_keeps_the_previous_checkpoint(ref, tmp_path):
+    """The trainer's SIGTERM handling (resume.RunCheckpoints) in a subprocess training the toy state with a
+    checkpoint every 3 steps: the first SIGTERM is acknowledged and starts the preemption checkpoint; a second
+    one while it is being written ends the process at once (default action). The half-written checkpoint has
+    no marker and is skipped; the step-3 checkpoint is complete and restores bitwise."""
+    out, snapshot = str(tmp_path / "run"), str(tmp_path / "step3.pt")
+    env = {**os.environ, "CPU_NUM_DEVICES": "4", "PJRT_DEVICE": "CPU"}
+    with open(tmp_path / "out.txt", "w") as so, open(tmp_path / "err.txt", "w") as se:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.checkpoint_worker", "preempted", out, snapshot],
+                                cwd=ROOT, env=env, stdout=so, stderr=se)
+
+    def wait_for(path, text):
+        t0 = time.monotonic()
+        while text not in (tmp_path / path).read_text():
+            assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
+            assert time.monotonic() - t0 < 1200, f"no {text!r}"
+            time.sleep(0.05)
+
+    wait_for("out.txt", "step 4")
+    proc.send_signal(signal.SIGTERM)
+    wait_for("err.txt", "SIGTERM: the run stops after this step")
+    wait_for("out.txt", "writing the preemption checkpoint")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    assert time.monotonic() - t0 < 10  # at once, not after the 120 s marker write
+    steps = [c.step for c in checkpoint.list_checkpoints(out)]
+    assert steps[0] == 3 and len(steps) == 2 and steps[1] >= 4, steps
+    assert not os.path.exists(os.path.join(checkpoint.step_dir(out, steps[1]), "COMPLETE"))
+    assert checkpoint.latest_complete(out).step == 3
+    model, opt, ema = build(ref.rt, seed=5)
+    prime_optimizer(opt)
+    host = Checkpointer(out, mesh=ref.rt.mesh).restore(checkpoint.latest_complete(out), state(model, opt, ema), {
+        f: None for f in FINGERPRINT_FIELDS})
+    assert host == {"global_step": 3, "data": {"batches": 3}}
+    _assert_bitwise(torch.load(snapshot), host_snapshot(model, opt, ema))
