@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/latent_step_time.py
 	$(BIN)/python bench/latent_loader.py
 	$(BIN)/python bench/encode_throughput.py
+	$(BIN)/python bench/checkpoint.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -150,7 +150,9 @@ def test_non_ema_revision_loads_the_trained_unet(tiny_pipeline, monkeypatch):
 
 
 def test_data_flags_reach_the_reader():
-    from torchvision import transforms
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
 
     from xla_diffusion.data.config import DataConfig
     from xla_diffusion.data.images import image_transform
@@ -159,6 +161,9 @@ def test_data_flags_reach_the_reader():
                              "--noise_offset", "0.05"])
     data = DataConfig.from_train_config(cfg, torch.float32)
     assert (data.interpolation, data.prefetch_factor, data.extra_draws) == ("lanczos", 6, ("offset_draw",))
-    resize = image_transform(64, True, False, data.interpolation).transforms[0]
-    assert resize.interpolation == transforms.InterpolationMode.LANCZOS
+    img = Image.fromarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy())
+    pixels = image_transform(32, True, False, data.interpolation)(img)
+    lanczos = TF.center_crop(TF.resize(img, 32, interpolation=InterpolationMode.LANCZOS), 32)
+    assert torch.equal(pixels, TF.normalize(TF.to_tensor(lanczos), [0.5], [0.5]))
+    assert not torch.equal(pixels, image_transform(32, True, False)(img))  # bilinear differs
     assert DataConfig.from_train_config(parse_args(BASE), torch.float32).interpolation == "bilinear"

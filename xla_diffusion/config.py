@@ -59,7 +59,9 @@ class TrainConfig:
     center_crop: bool = option(False, "Center-crop instead of random-crop after resizing.")
     random_flip: bool = option(False, "Randomly flip images horizontally.")
     dataloader_num_workers: int = option(0, "Host data-loader worker processes (0 loads in the main process).")
-    shuffle_buffer_size: int = option(1000, "Samples in the shuffle buffer of each latent-shard reader.")
+    shuffle_buffer_size: int = option(
+        1000, "Latent shards are read in chunks of this many samples, each emitted in a seeded random order."
+    )
     loader_prefetch_size: int = option(1, "Batches the host loader queues ahead (MpDeviceLoader).")
     device_prefetch_size: int = option(1, "Batches kept on the devices ahead of the step (MpDeviceLoader).")
     # optimisation
@@ -114,6 +116,16 @@ class TrainConfig:
     timing_warmup_steps: int = option(3, "Steps excluded from the reported mean step time.")
     profile_duration: int = option(10000, "Profile capture length in ms when PROFILE_DIR is set.")
     profile_start_step: int = option(5, "Step at which the profile capture starts when PROFILE_DIR is set.")
+    # checkpoints
+    checkpointing_steps: int = option(
+        500, "Save a resumable checkpoint of the whole training state every N steps under "
+        "OUTPUT_DIR/checkpoints/step_XXXXXXXX (0: only when preempted by SIGTERM)."
+    )
+    checkpoints_total_limit: int | None = option(None, "Keep at most this many complete checkpoints (default: all).")
+    resume_from_checkpoint: str | None = option(
+        None, "'latest' (the newest complete checkpoint under OUTPUT_DIR/checkpoints; a fresh start when there is "
+        "none) or a checkpoint directory (or its step_XXXXXXXX name) to resume from, exactly."
+    )
     # evaluation during training (each in its own XLA graphs, compiled once; never touches the step graph)
     validation_prompts: str | list[str] | None = option(
         None, "Prompts sampled every --validation_steps (or --validation_epochs): several arguments (diffusers' "
@@ -225,11 +237,6 @@ class TrainConfig:
     # coming with other issues (a value other than the default is refused for now)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer update (not yet supported: 1).")
     gradient_checkpointing: bool = option(False, "Recompute UNet activations in the backward (not yet supported).")
-    checkpointing_steps: int | None = option(None, "Save the training state every N steps (not yet supported).")
-    checkpoints_total_limit: int | None = option(None, "Keep at most N checkpoints (not yet supported).")
-    resume_from_checkpoint: str | None = option(
-        None, "Resume from a checkpoint path or \"latest\" (not yet supported)."
-    )
 
     def __post_init__(self) -> None:
         if self.print_loss:
@@ -279,6 +286,9 @@ class TrainConfig:
              "--mixed_precision fp16: TPUs compute in bf16, pass --mixed_precision bf16"),
             (self.mixed_precision not in MIXED_PRECISION,
              f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}"),
+            (self.checkpointing_steps < 0, "--checkpointing_steps must be >= 0"),
+            (self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1,
+             "--checkpoints_total_limit must be >= 1"),
             (self.lr_scheduler not in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
         ])
         self._check_ecosystem_flags()
@@ -308,10 +318,6 @@ class TrainConfig:
              "larger --train_batch_size"),
             (self.gradient_checkpointing,
              "--gradient_checkpointing is not yet supported (the performance issue adds it)"),
-            (self.checkpointing_steps is not None or self.checkpoints_total_limit is not None
-             or self.resume_from_checkpoint is not None,
-             "--checkpointing_steps, --checkpoints_total_limit and --resume_from_checkpoint are not yet supported "
-             "(the checkpoint issue adds them)"),
         ])
         resolve_report_to(self.report_to)  # an unknown value or a missing package: one TrackerError line
 

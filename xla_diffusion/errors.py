@@ -36,6 +36,19 @@ class TooManyCompilations(UserError, RuntimeError):
     exit_code = 1
 
 
+class DataError(UserError, RuntimeError):
+    """The training data stopped: no usable sample left, or a loader worker died (the message names the cause)."""
+
+    exit_code = 1
+
+
+class StoreUnreachable(UserError, ConnectionError):
+    """The object store (gs://) cannot be reached at all. An OSError, so code that reports failed reads and
+    writes reports it too; a UserError, so wherever it is not caught the CLI prints it as one line."""
+
+    exit_code = 1
+
+
 def check(rules: Iterable[tuple[object, str]], error: type[UserError] = ConfigError) -> None:
     """Raise `error(message)` for the first `(bad, message)` whose `bad` is true; the validation of every
     config dataclass (`__post_init__`) goes through here."""

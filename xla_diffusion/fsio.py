@@ -7,14 +7,24 @@ visible once its upload completes). So a reader never sees half a shard or half 
 With `STORAGE_EMULATOR_HOST` set (a GCS emulator, e.g. in tests) gcsfs talks to that endpoint itself;
 emulators accept anonymous requests, so unless a token is configured we use `token="anon"` rather than
 probing for Google credentials (which stalls on the metadata-server lookup off GCP).
+
+The first gs:// access of a process opens one TCP connection to the store (10 s timeout): an unreachable
+store is then a one-line `StoreUnreachable` (a ConnectionError) at once, not gcsfs's retries for ~40 s; and
+gcsfs's give-up messages are logged without their tracebacks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import socket
 import tempfile
+import urllib.parse
 from typing import Any
+
+from .errors import StoreUnreachable
 
 
 def _configure_emulator_auth() -> None:
@@ -29,6 +39,43 @@ def _configure_emulator_auth() -> None:
     os.environ.setdefault("FSSPEC_GS_TOKEN", str(gs_conf["token"]))
 
 
+class _NoTraceback(logging.Filter):
+    """gcsfs logs every request that runs out of retries with its traceback (`logger.exception`): dozens of
+    aiohttp lines before the one-line error our caller reports. Keep gcsfs's message, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+@functools.cache
+def _quiet_gcsfs() -> None:
+    logging.getLogger("gcsfs").addFilter(_NoTraceback())
+
+
+def _endpoint(protocol: str) -> tuple[str, int] | None:
+    """(host, port) of the object store a URL scheme talks to (GCS, or the emulator in STORAGE_EMULATOR_HOST)."""
+    if protocol not in ("gs", "gcs"):
+        return None
+    url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    return parts.hostname or "localhost", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+REACHABLE_TIMEOUT_S = 10.0
+
+
+@functools.cache
+def _check_reachable(host: str, port: int) -> None:
+    """One TCP connection to the store, once per process (only success is cached). Without it an
+    unreachable store surfaces after gcsfs's 6 retries with back-off, ~40 s later."""
+    try:
+        socket.create_connection((host, port), timeout=REACHABLE_TIMEOUT_S).close()
+    except OSError as e:
+        raise StoreUnreachable(f"cannot reach the object store at {host}:{port}: {e.strerror or e}") from None
+
+
+
 def is_remote(path: str) -> bool:
     """True for URLs with a scheme other than file:// (gs://, s3://, ...)."""
     return "://" in path and not path.startswith("file://")
@@ -40,6 +87,10 @@ def url_to_fs(path: str) -> tuple[Any, str]:
 
     if is_remote(path):
         _configure_emulator_auth()
+        _quiet_gcsfs()
+        endpoint = _endpoint(path.split("://", 1)[0])
+        if endpoint is not None:
+            _check_reachable(*endpoint)
     return fsspec.core.url_to_fs(path)
 
 

@@ -21,7 +21,7 @@ from .errors import TooManyCompilations
 
 class StepMonitor:
     def __init__(self, global_batch: int, max_steps: int, tracker: Any, max_compilations: int,
-                 timing_warmup_steps: int, show_progress: bool):
+                 timing_warmup_steps: int, show_progress: bool, start_step: int = 0):
         self.global_batch, self.max_steps, self.tracker = global_batch, max_steps, tracker
         self.max_compilations, self.timing_warmup_steps = max_compilations, timing_warmup_steps
         self.history: list[dict[str, Any]] = []
@@ -29,13 +29,14 @@ class StepMonitor:
         self.excluded_compilations = 0  # compiled inside paused() blocks, not by the step
         self.paused_s = 0.0
         self.start = time.perf_counter()
-        self._last_log = (self._clock(), 0)  # (active time, step) of the last logged step
-        self._timed_from = (self._clock(), 0)  # where the timed window (after warm-up) starts
+        self.start_step = start_step  # the step a resumed run starts after
+        self._last_log = (self._clock(), start_step)  # (active time, step) of the last logged step
+        self._timed_from = (self._clock(), start_step)  # where the timed window (after warm-up) starts
         self.progress = None
         if show_progress:
             from tqdm.auto import tqdm
 
-            self.progress = tqdm(total=max_steps, desc="steps", dynamic_ncols=True)
+            self.progress = tqdm(total=max_steps, initial=start_step, desc="steps", dynamic_ncols=True)
 
     def _clock(self) -> float:
         return time.perf_counter() - self.paused_s
@@ -54,8 +55,10 @@ class StepMonitor:
             self.paused_s += time.perf_counter() - t0
             self.excluded_compilations += runtime.compile_count() - c0
 
-    def on_step_done(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        """Runs as a step closure: the tensors are already computed, reading them starts no graph."""
+    def on_step_done(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                     extra: dict[str, Any] | None = None) -> None:
+        """Runs as a step closure: the tensors are already computed, reading them starts no graph. `extra`:
+        host values logged with the step's metrics (e.g. the data's skip counts)."""
         now = self._clock()
         last_time, last_step = self._last_log
         dt = (now - last_time) / max(step - last_step, 1)
@@ -68,6 +71,7 @@ class StepMonitor:
             "step_time_s": dt,
             "images_per_s": self.global_batch / dt,
             "compilations": self.compilations(),
+            **(extra or {}),
         }
         self.history.append(metrics)
         self.tracker.log(metrics)
@@ -84,7 +88,7 @@ class StepMonitor:
                 f"--max_compilations {self.max_compilations}: something in the step changes shape or "
                 "constant values between steps (set PT_XLA_DEBUG_LEVEL=2 to see why)"
             )
-        if step == self.timing_warmup_steps and step < self.max_steps:
+        if step == self.start_step + self.timing_warmup_steps and step < self.max_steps:
             runtime.wait_device_ops()
             self._timed_from = (self._clock(), step)
 

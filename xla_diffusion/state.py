@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .ema import EmaWeights
-from .optim import LrSchedule, make_optimizer
+from .optim import LrSchedule, make_optimizer, prime_optimizer
 
 
 @dataclass
@@ -28,6 +28,9 @@ class TrainState:
         optimizer = make_optimizer(
             unet, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon
         )
+        # AdamW's state exists from the start (zeros, as its first step would make them), so a checkpoint
+        # restores into it in place and a fresh and a resumed run step the same tensors.
+        prime_optimizer(optimizer)
         return cls(
             unet=unet, optimizer=optimizer,
             lr_schedule=LrSchedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps),

@@ -315,6 +315,19 @@ def resolve_report_to(report_to: str | None) -> list[str]:
     return [value]
 
 
+def logging_root(logging_dir: str, output_dir: str) -> str:
+    """Where a run's logs go: `logging_dir` relative to `output_dir` unless absolute or remote (diffusers')."""
+    if "://" in logging_dir or os.path.isabs(logging_dir):
+        return logging_dir
+    return f"{output_dir.rstrip('/')}/{logging_dir}"
+
+
+def metrics_path(logging_dir: str, output_dir: str) -> str | None:
+    """The run's metrics.jsonl, or None when its logs go to a remote store (the JSONL file is local only)."""
+    root = logging_root(logging_dir, output_dir)
+    return None if "://" in root else os.path.join(root, "metrics.jsonl")
+
+
 def make_trackers(
     report_to: str | None,
     project: str,
@@ -331,12 +344,12 @@ def make_trackers(
     if not is_main_process:
         return NullTracker()
     config = public_config(config_dict)
-    log_root = logging_dir if "://" in logging_dir or os.path.isabs(logging_dir) else \
-        f"{output_dir.rstrip('/')}/{logging_dir}"
+    log_root = logging_root(logging_dir, output_dir)
     local = "://" not in log_root
     trackers: list[Tracker] = []
-    if local:
-        trackers.append(JsonlTracker(os.path.join(log_root, "metrics.jsonl")))
+    jsonl = metrics_path(logging_dir, output_dir)
+    if jsonl is not None:
+        trackers.append(JsonlTracker(jsonl))
     try:
         if "tensorboard" in tools:
             trackers.append(TensorBoardTracker(f"{log_root.rstrip('/')}/{project}", config))

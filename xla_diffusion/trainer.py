@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from . import hub, runtime
+from .checkpoint import find_resume_checkpoint
 from .config import TrainConfig
 from .data.config import DataConfig
+from .data.feed import DataFeed
 from .data.latents import LatentManifest, read_manifest
 from .data.randomness import CaptionDropout
 from .data.source import build_data_source, empty_prompt
@@ -24,6 +26,7 @@ from .evaluation import InLoopEvaluator
 from .export import export_pipeline
 from .models import Models, frozen_dtype, load_models
 from .monitor import StepMonitor
+from .resume import RunCheckpoints, check_output_dir
 from .state import TrainState
 from .tracking import make_trackers, public_config
 from .train_step import FrozenParts, StepConfig, train_step
@@ -32,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the whole training job; returns the summary process 0 writes beside the export."""
+    """Run the whole training job; returns the summary process 0 writes beside the export (a preempted run
+    returns without exporting: `{"preempted": True, "steps": N}`)."""
+    check_output_dir(cfg.output_dir)  # checkpoints: bad paths are one line before any device work
+    resume_from = find_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
     rt = runtime.init_runtime(cfg.fsdp_size, cfg.compile_cache_dir)
     global_batch = check_batch_divisible(cfg.train_batch_size, rt)
     torch.manual_seed(cfg.seed)
@@ -45,6 +51,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     repo_id = create_hub_repo(cfg, rt)
     frozen = FrozenParts.place(models, frozen_dtype(cfg.mixed_precision), rt.device)
     state = TrainState.create(models.unet.to(rt.device), cfg)  # fp32 master weights on the mesh
+    checkpoints = RunCheckpoints(cfg, rt)
+    position = checkpoints.begin(resume_from, state)  # None: from the start
     if rt.is_main_process:
         log.info("mesh %s over %d devices, %d hosts; global batch %d; prediction %s; precision %s",
                  dict(zip(runtime.MESH_AXES, rt.mesh.mesh_shape)), rt.num_devices, rt.process_count, global_batch,
@@ -52,14 +60,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg, rt)
     evaluator = InLoopEvaluator.create(cfg, models, rt, tracker, state.unet, frozen, step_cfg)
     monitor = StepMonitor(global_batch, cfg.max_train_steps, tracker, cfg.max_compilations,
-                          cfg.timing_warmup_steps, show_progress=rt.is_main_process)
-    loader = iter(runtime.device_loader(source, source.ndims, rt.mesh, cfg.loader_prefetch_size,
+                          cfg.timing_warmup_steps, show_progress=rt.is_main_process, start_step=state.step)
+    feed = DataFeed(source, position)  # counts the batches the steps consume, not the prefetched ones
+    loader = iter(runtime.device_loader(feed, feed.ndims, rt.mesh, cfg.loader_prefetch_size,
                                         cfg.device_prefetch_size))
+    checkpoints.preemption.install()
     try:
-        run_loop(cfg, state, frozen, step_cfg, loader, monitor, evaluator)
+        preempted = run_loop(cfg, state, frozen, step_cfg, loader, monitor, evaluator, feed, checkpoints)
+        checkpoints.close()  # the last save is durable before the export
     finally:
         monitor.close()
-    summary = run_summary(cfg, rt, state, step_cfg, models, monitor, evaluator, latents)
+        checkpoints.close(raise_errors=False)
+    if preempted:
+        checkpoints.report_preemption()
+        tracker.close()
+        return {"preempted": True, "steps": state.step}
+    summary = {**run_summary(cfg, rt, state, step_cfg, models, monitor, evaluator, latents),
+               "data_skipped": dict(feed.position["skipped"]), **checkpoints.summary()}
     tracker.close()
     if rt.is_main_process:
         log.info("done: %d steps, %.3f s/step after warm-up, %.1f images/s, %d XLA compilations",
@@ -189,24 +206,30 @@ def publish(cfg: TrainConfig, summary: dict[str, Any], evaluator: InLoopEvaluato
 
 
 def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg: StepConfig, loader: Any,
-             monitor: StepMonitor, evaluator: InLoopEvaluator | None) -> None:
+             monitor: StepMonitor, evaluator: InLoopEvaluator | None, feed: DataFeed, checkpoints: RunCheckpoints
+             ) -> bool:
     """Steps `state.step + 1 .. --max_train_steps`: one compiled graph each, metrics through step closures,
-    evaluation between steps on the averaged weights."""
+    checkpoints when due, evaluation between steps on the averaged weights. Returns True when a preemption
+    notice stopped it (after checkpointing)."""
     profiler = runtime.Profiler(cfg.profile_dir, cfg.profile_start_step, cfg.profile_duration)
     for step in range(state.step + 1, cfg.max_train_steps + 1):
         profiler.maybe_start(step)
-        batch = next(loader)
+        batch = feed.take(loader)
         lr = state.begin_step()
         loss, grad_norm = train_step(state.unet, frozen.vae, frozen.text_encoder, state.optimizer, batch,
                                      frozen.alphas_cumprod, step_cfg, state.ema)
         state.step = step
         if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
-            runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm, lr))
+            skipped = {"data_skipped": dict(feed.position["skipped"])} if feed.position["skipped"] else {}
+            runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm, lr, skipped))
         runtime.sync()
         monitor.after_step(step)
+        if checkpoints.after_step(step, state, feed.position):
+            return True
         if evaluator is not None and evaluator.due(step):
             with monitor.paused(), state.averaged():
                 evaluator.run(step)
+    return False
 
 
 def run_summary(cfg: TrainConfig, rt: runtime.Runtime, state: TrainState, step_cfg: StepConfig, models: Models,

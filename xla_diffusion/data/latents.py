@@ -13,11 +13,14 @@ and, unless encoded with --no_text_states, `encoder_hidden_states` (L, D) bf16.
 Reading: every host takes its own shards (`shards[process_index::process_count]`: TPU pods have no
 torch.distributed rank in the environment, so the split uses the runtime's process index), each loader
 worker its own part of those, shards are visited in a fresh seeded order per pass, forever (the stream never
-ends), samples go through a shuffle buffer and come out as fixed-shape batches.
+ends), each shard is read in chunks that are emitted in a seeded permutation, and samples come out as
+fixed-shape batches. A worker's position is four integers (see `_LatentSampleStream`), so a resumed run
+seeks to it instead of replaying the batches before it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
@@ -28,7 +31,8 @@ from typing import Any
 import torch
 
 from .. import fsio
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from .randomness import sample_generator
 from .tar_stream import iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -193,52 +197,102 @@ def batch_ndims(use_text_states: bool) -> dict[str, int]:
     return {"latent_mean": 4, "latent_std": 4, **text}
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 class _LatentSampleStream(torch.utils.data.IterableDataset):
-    """Endless batches from a list of shards, for one host; split further among DataLoader workers."""
+    """Endless batches from a list of shards, for one host, split over `num_workers` loader workers.
+
+    Logical worker w reads `shards[w::W]`: pass p visits them in an order seeded by (seed, w, p); each shard is
+    read in chunks of `chunk_size` consecutive samples, and each chunk is emitted in a permutation seeded by
+    (seed, w, p, shard position, chunk offset). Where worker w's next sample comes from is its cursor
+    `[pass, shard position, byte offset of the chunk in the shard, samples of the chunk already taken]`:
+    resuming reopens that shard at that offset, re-reads one chunk and skips the taken samples, whatever the
+    step. Host batch k is worker k mod W's: the DataLoader takes batches from its workers round-robin, and
+    when the stream restarts at batch k0 DataLoader worker i plays logical worker (k0 + i) mod W.
+    """
 
     def __init__(
-        self, shards: list[str], manifest: LatentManifest, batch_size: int, shuffle_buffer: int, seed: int,
-        text_dtype: torch.dtype, use_text_states: bool,
+        self, shards: list[str], manifest: LatentManifest, batch_size: int, chunk_size: int, seed: int,
+        text_dtype: torch.dtype, use_text_states: bool, num_workers: int,
     ):
         super().__init__()
         self.shards, self.manifest, self.batch_size = shards, manifest, batch_size
-        self.shuffle_buffer, self.seed, self.text_dtype = shuffle_buffer, seed, text_dtype
+        self.chunk_size, self.seed, self.text_dtype = chunk_size, seed, text_dtype
         self.use_text_states = use_text_states
-        self.errors: Counter = Counter()  # skipped data, by reason (this process's workers log theirs)
+        self.workers = max(num_workers, 1)  # logical workers (0 loader workers: one, in this process)
+        self.start: tuple[int, dict[int, list[int]]] = (0, {})  # (first host batch, cursor per logical worker)
 
-    def _worker(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
-
-    def _samples(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
-        """Shards in a fresh random order per pass, forever; damaged samples skipped and counted."""
+    def _chunks(self, shards: list[str], worker: int, cursor: list[int]
+                ) -> Iterator[tuple[list[dict[str, torch.Tensor]], list[int], Counter]]:
+        """(decoded samples of one chunk in emission order, the chunk's cursor with taken=0, damage counted
+        while reading it), from `cursor` on, forever. The first chunk comes without the samples the cursor
+        says were taken, and without its damage when some were (it was counted then)."""
+        p, s, offset, taken = cursor
         while True:
-            order = shards[:]
-            rng.shuffle(order)
+            order = list(range(len(shards)))
+            random.Random(f"{self.seed}:{worker}:{p}").shuffle(order)
             yielded = 0
-            for url in order:
-                before = sum(self.errors.values())
-                for decoded in read_shard(url, self.manifest, self.errors):
-                    yielded += 1
-                    yield decoded
-                if sum(self.errors.values()) > before:
-                    log.warning("latent shard %s: skipped so far %s", url, dict(self.errors))
-            if not yielded:
-                raise RuntimeError(f"no readable sample in the latent shards {shards}")
+            while s < len(order):
+                url = shards[order[s]]
+                fs, path = fsio.url_to_fs(url)
+                with fs.open(path, "rb") as f:
+                    if offset:
+                        f.seek(offset)
+                    errors: Counter = Counter()
+                    raw = iter_tar_samples(f, errors, start=offset)
+                    while True:
+                        chunk_start, before = None, Counter(errors)
+                        decoded = []
+                        for sample in itertools.islice(raw, self.chunk_size):
+                            if chunk_start is None:
+                                chunk_start = int(sample["__offset__"])
+                            try:
+                                decoded.append(decode_sample(sample, self.manifest))
+                            except Exception as e:  # noqa: BLE001 (an undecodable sample is skipped, not fatal)
+                                errors["bad_sample"] += 1
+                                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), url, e)
+                        damage = errors - before
+                        if damage:
+                            log.warning("latent shard %s: skipped %s", url, dict(damage))
+                        if chunk_start is None:  # end of the shard (damage at its tail goes with the next batch)
+                            if damage:
+                                yield [], [p, s, 0, 0], damage
+                            break
+                        g = sample_generator(self.seed, worker, p, s, chunk_start)
+                        emitted = [decoded[i] for i in torch.randperm(len(decoded), generator=g).tolist()]
+                        yielded += len(emitted)
+                        yield emitted[taken:], [p, s, chunk_start, taken], (Counter() if taken else damage)
+                        taken = 0
+                s, offset = s + 1, 0
+            if not yielded and cursor == [0, 0, 0, 0]:
+                raise DataError(f"no readable sample in the latent shards {shards}")
+            p, s, cursor = p + 1, 0, [0, 0, 0, 0]
 
-    def _collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return collate(samples, self.use_text_states, self.text_dtype)
+    def _worker_batches(self, worker: int, cursor: list[int], index: int
+                        ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        shards = self.shards[worker :: self.workers]
+        samples: list[dict[str, torch.Tensor]] = []
+        skipped: Counter = Counter()
+        for chunk, at, damage in self._chunks(shards, worker, cursor):
+            skipped.update(damage)
+            for i, sample in enumerate(chunk):
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    after = [at[0], at[1], at[2], at[3] + i + 1]
+                    meta = {"index": index, "worker": worker, "workers_count": self.workers, "cursor": after,
+                            "skipped": dict(skipped)}
+                    yield collate(samples, self.use_text_states, self.text_dtype), meta
+                    index += self.workers
+                    samples, skipped = [], Counter()
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        import webdataset as wds
-
-        worker, num_workers = self._worker()
-        shards = self.shards[worker::num_workers]
-        rng = random.Random(f"{self.seed}:{worker}")
-        samples = self._samples(shards, random.Random(f"{self.seed}:{worker}:shards"))
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        yield from wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(samples)
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        info = torch.utils.data.get_worker_info()
+        i = 0 if info is None else info.id
+        first, cursors = self.start
+        worker = (first + i) % self.workers
+        yield from self._worker_batches(worker, list(cursors.get(worker, [0, 0, 0, 0])), first + i)
 
 
 class OrderedLatentBatches:
@@ -267,7 +321,13 @@ class OrderedLatentBatches:
 class LatentShardBatches:
     """Endless, fixed-shape host batches from latent shards:
     `latent_mean`, `latent_std` (B, C, h, w) bf16, and `encoder_hidden_states` (B, L, D) in `text_dtype`
-    (when the shards hold text states and `use_text_states`) or `input_ids` (B, L) int64."""
+    (when the shards hold text states and `use_text_states`) or `input_ids` (B, L) int64.
+
+    `iter_from(position)` yields `(batch, meta)` from host batch `position["batches"]` on, each worker at its
+    cursor in `position["workers"]` (see `_LatentSampleStream`); meta = {"index": k, "worker": w, "cursor":
+    w's cursor after this batch, "skipped": {reason: count} found while reading it}. Iterating the object
+    itself yields the batches alone, from the start. `shuffle_buffer` is the size of the shuffled chunks.
+    """
 
     def __init__(
         self,
@@ -297,15 +357,28 @@ class LatentShardBatches:
             self.shards, manifest, batch_size, shuffle_buffer,
             # Distinct streams per host; the same for every run with this seed.
             seed=seed * 1_000_003 + process_index, text_dtype=text_dtype, use_text_states=self.use_text_states,
+            num_workers=num_workers,
         )
         self.ndims = batch_ndims(self.use_text_states)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers,
+    def iter_from(self, position: dict[str, Any] | None) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        position = position or {}
+        workers = int(position.get("workers_count", self.stream.workers))
+        if workers != self.stream.workers:
+            raise ConfigError(
+                f"the saved data position is of {workers} latent-shard reader(s) and this run has "
+                f"{self.stream.workers}: resume with --dataloader_num_workers {workers if workers > 1 else 0} "
+                "(the shards are split among the workers)"
+            )
+        self.stream.start = (int(position.get("batches", 0)),
+                             {int(w): list(c) for w, c in position.get("workers", {}).items()})
+        yield from torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
             prefetch_factor=self.prefetch_factor if self.num_workers else None, persistent_workers=False,
         )
-        yield from loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (batch for batch, _ in self.iter_from(None))
 
 
 def build_latent_source(data: Any, models: Any, rt: Any, manifest: LatentManifest) -> Any:

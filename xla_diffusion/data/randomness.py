@@ -1,6 +1,7 @@
 """Per-step randomness drawn on the host and shipped with the batch.
 
-Drawing noise, timesteps and the VAE posterior sample on the host from one seeded generator makes a run
+Drawing noise, timesteps and the VAE posterior sample on the host from seeded generators (one per host batch,
+seeded by its index, so there is no generator state to checkpoint) makes a run
 reproducible bit for bit whatever the mesh shape or device count (device RNG streams differ between a
 1-device and a sharded graph), lets tests replay a step exactly, and keeps the step graph free of RNG
 state. The cost is a small host→device copy: latent-sized tensors, ~1/48 of the pixels at SD's f=8.
@@ -9,16 +10,18 @@ state. The cost is a small host→device copy: latent-sized tensors, ~1/48 of th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
+def sample_generator(seed: int, index: int, *more: int) -> torch.Generator:
     """The CPU generator of sample `index` (sampling and the fixed-timestep validation loss): its initial noise
     and any noise a stochastic scheduler adds come from it alone, so a sample does not depend on its batch.
-    SeedSequence mixes (seed, index) so nearby pairs give unrelated streams."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    SeedSequence mixes (seed, index, *more) so nearby tuples give unrelated streams. The training streams
+    seed one per host batch or per sample the same way, so their randomness has no state to save."""
+    state = np.random.SeedSequence([seed, index, *more]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
@@ -27,7 +30,29 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 EXTRA_DRAWS = {"offset_draw": "channel", "perturbation_draw": "latent"}
 
 
-class WithDiffusionRandomness:
+class _PerBatch:
+    """A wrapper of a host batch source that adds to every batch values drawn from that batch's own generator,
+    seeded by (seed, host batch index): nothing to save in a checkpoint, and a resumed stream draws exactly
+    what the uninterrupted one drew.
+
+    Sources have `iter_from(position)`, yielding `(batch, meta)` with the host batch index in `meta["index"]`;
+    iterating the wrapper itself yields the batches alone, from the start."""
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]], seed: int):
+        self.batches, self.seed = batches, seed
+
+    def draw(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def iter_from(self, position: dict | None) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+        for batch, meta in self.batches.iter_from(position):
+            yield self.draw(dict(batch), sample_generator(self.seed, meta["index"])), meta
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (batch for batch, _ in self.iter_from(None))
+
+
+class WithDiffusionRandomness(_PerBatch):
     """Wrap a batch source, adding to each batch:
 
     - `noise`: (B, C, h, w) float32 N(0, I), the diffusion noise;
@@ -43,7 +68,7 @@ class WithDiffusionRandomness:
 
     def __init__(
         self,
-        batches: Iterable[dict[str, torch.Tensor]],
+        batches: Any,
         latent_shape: tuple[int, int, int],
         num_train_timesteps: int,
         seed: int,
@@ -51,37 +76,36 @@ class WithDiffusionRandomness:
         with_latent_eps: bool = True,
         extra_draws: tuple[str, ...] = (),
     ):
-        self.batches, self.latent_shape, self.num_train_timesteps = batches, tuple(latent_shape), num_train_timesteps
+        # Distinct streams per host: hosts hold different samples and must not share noise.
+        super().__init__(batches, seed * 1_000_003 + process_index + 1)
+        self.latent_shape, self.num_train_timesteps = tuple(latent_shape), num_train_timesteps
         self.with_latent_eps = with_latent_eps
         unknown = set(extra_draws) - set(EXTRA_DRAWS)
         if unknown:
             raise ValueError(f"unknown extra draws {sorted(unknown)}; expected some of {sorted(EXTRA_DRAWS)}")
         self.extra_draws = tuple(name for name in EXTRA_DRAWS if name in extra_draws)  # a fixed order
-        # Distinct streams per host: hosts hold different samples and must not share noise.
-        self.seed = seed * 1_000_003 + process_index + 1
         self.ndims = {**getattr(batches, "ndims", {}), "noise": 4, "timesteps": 1}
         if with_latent_eps:
             self.ndims["latent_eps"] = 4
         self.ndims.update({name: 4 for name in self.extra_draws})
         self.num_samples = getattr(batches, "num_samples", None)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed)
-        g_extra = torch.Generator().manual_seed(self.seed + 700_001)  # its own stream: see the class docstring
-        for batch in self.batches:
-            b = next(iter(batch.values())).shape[0]
-            batch = dict(batch)
-            batch["noise"] = torch.randn((b, *self.latent_shape), generator=g)
-            batch["timesteps"] = torch.randint(0, self.num_train_timesteps, (b,), generator=g)
-            if self.with_latent_eps:
-                batch["latent_eps"] = torch.randn((b, *self.latent_shape), generator=g)
+    def draw(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+        b = next(iter(batch.values())).shape[0]
+        batch["noise"] = torch.randn((b, *self.latent_shape), generator=g)
+        batch["timesteps"] = torch.randint(0, self.num_train_timesteps, (b,), generator=g)
+        if self.with_latent_eps:
+            batch["latent_eps"] = torch.randn((b, *self.latent_shape), generator=g)
+        if self.extra_draws:
+            # Their own per-batch stream: switching an option on leaves the noise and timesteps unchanged.
+            g_extra = torch.Generator().manual_seed(g.initial_seed() ^ 0x5DEECE66D)
             for name in self.extra_draws:
                 shape = (self.latent_shape[0], 1, 1) if EXTRA_DRAWS[name] == "channel" else self.latent_shape
                 batch[name] = torch.randn((b, *shape), generator=g_extra)
-            yield batch
+        return batch
 
 
-class CaptionDropout:
+class CaptionDropout(_PerBatch):
     """Replace each sample's caption by the empty prompt with probability `p` (host-drawn, seeded), so
     the model also learns the unconditional prediction that classifier-free guidance needs.
 
@@ -89,21 +113,16 @@ class CaptionDropout:
     (L, D)) to its value for the empty prompt "".
     """
 
-    def __init__(self, batches: Iterable[dict[str, torch.Tensor]], p: float, empty: dict[str, torch.Tensor],
-                 seed: int, process_index: int = 0):
-        self.batches, self.p, self.empty = batches, p, empty
-        self.seed = seed * 1_000_003 + process_index + 500_009
+    def __init__(self, batches: Any, p: float, empty: dict[str, torch.Tensor], seed: int, process_index: int = 0):
+        super().__init__(batches, seed * 1_000_003 + process_index + 500_009)
+        self.p, self.empty = p, empty
         self.ndims = getattr(batches, "ndims", {})
         self.num_samples = getattr(batches, "num_samples", None)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed)
-        for batch in self.batches:
-            key = next(k for k in self.empty if k in batch)
-            b = batch[key].shape[0]
-            drop = torch.rand(b, generator=g) < self.p
-            batch = dict(batch)
-            value = batch[key].clone()
-            value[drop] = self.empty[key].to(value.dtype)
-            batch[key] = value
-            yield batch
+    def draw(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+        key = next(k for k in self.empty if k in batch)
+        drop = torch.rand(batch[key].shape[0], generator=g) < self.p
+        value = batch[key].clone()
+        value[drop] = self.empty[key].to(value.dtype)
+        batch[key] = value
+        return batch

@@ -1,6 +1,7 @@
 """The trainer's data source, chosen by what `--train_data_dir` holds: pre-encoded latent shards (a latent
 dataset with a manifest.json, local or gs://) or raw image–caption data encoded in the step. Both paths take
-the same small `DataConfig` and yield endless fixed-shape host batches with their per-step randomness."""
+the same small `DataConfig` and yield endless fixed-shape host batches with their per-step randomness, from
+any position (`iter_from`, see data.feed) without replaying the batches before it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def build_data_source(data: DataConfig, models: Any, rt: Any, manifest: Any) -> 
     if manifest is not None:
         return build_latent_source(data, models, rt, manifest)
     dataset = load_image_caption_dataset(data)  # every host's samples (memory-mapped), then this host's part
-    batches = ImageCaptionBatches(host_part(dataset, rt.process_index, rt.process_count), models.tokenizer, data)
+    batches = ImageCaptionBatches(host_part(dataset, rt.process_index, rt.process_count), models.tokenizer, data,
+                                  rt.process_index)
     batches.num_samples = len(dataset)
     return WithDiffusionRandomness(
         batches, models.latent_shape(data.resolution), models.noise_scheduler.config.num_train_timesteps,

@@ -4,7 +4,8 @@ Reading is a small streaming tar parser of our own rather than `tarfile`, becaus
 count what it loses: `tarfile` stops silently at the first corrupt header and drops the rest of the shard.
 Here a member with a bad header checksum is counted (`corrupt_member`), the reader resynchronises on the
 next valid header, and a shard cut short is counted (`truncated_shard`). The stream is read front to back
-once (no seeks), so it works on a GCS object opened through fsspec as well as on a local file.
+(no seeks), so it works on a GCS object opened through fsspec as well as on a local file; every sample
+carries the byte offset where it begins, so a reader can later reopen the shard there (one seek).
 
 Supported: ustar/GNU/POSIX headers, GNU long names ('L') and pax `path=` records ('x'), which is what
 Python's tarfile (and so webdataset's TarWriter and img2dataset) write.
@@ -63,13 +64,30 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_members(stream: IO[bytes], errors: Counter) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular file in a tar stream, in order. Damage is counted in `errors`:
-    `corrupt_member` per run of blocks without a valid header, `truncated_shard` when the stream ends
-    inside a member."""
+class _Counted:
+    """A read-only stream that counts the bytes read from it, from `start` (its offset in the file)."""
+
+    def __init__(self, stream: IO[bytes], start: int):
+        self.stream, self.pos = stream, start
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        self.pos += len(data)
+        return data
+
+
+def iter_tar_records(stream: IO[bytes], errors: Counter, start: int = 0) -> Iterator[tuple[int, str, bytes]]:
+    """(offset, name, data) of every regular file in a tar stream, in order; `offset` is where the member's
+    record begins in the file (its first header block, long-name and pax headers included), so a reader can
+    seek there and start reading again. `start` is the stream's offset in the file. Damage is counted in
+    `errors`: `corrupt_member` per run of blocks without a valid header, `truncated_shard` when the stream
+    ends inside a member."""
+    stream = _Counted(stream, start)
     long_name: str | None = None
     resyncing = False
+    record_start: int | None = None  # offset of the first header of the member being read
     while True:
+        header_at = stream.pos
         header = _read_exact(stream, BLOCK)
         if not header:
             return
@@ -84,11 +102,13 @@ def iter_tar_members(stream: IO[bytes], errors: Counter) -> Iterator[tuple[str, 
                 resyncing = True
             continue  # skip block by block until the next valid header
         resyncing = False
+        if record_start is None:
+            record_start = header_at
         try:
             size = _octal(header[124:136])
         except ValueError:
             errors["corrupt_member"] += 1
-            resyncing = True
+            resyncing, long_name, record_start = True, None, None
             continue
         kind = header[156:157]
         data = _read_exact(stream, size)
@@ -103,13 +123,19 @@ def iter_tar_members(stream: IO[bytes], errors: Counter) -> Iterator[tuple[str, 
             long_name = _pax_path(data) or long_name
             continue
         if kind not in (b"0", b"\0", b"7"):
-            long_name = None  # directories, links, global pax headers: nothing to yield
+            long_name, record_start = None, None  # directories, links, global pax headers: nothing to yield
             continue
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        yield (long_name or name), data
-        long_name = None
+        yield record_start, (long_name or name), data
+        long_name, record_start = None, None
+
+
+def iter_tar_members(stream: IO[bytes], errors: Counter) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file in a tar stream, in order (`iter_tar_records` without offsets)."""
+    for _, name, data in iter_tar_records(stream, errors):
+        yield name, data
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -120,18 +146,20 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def iter_tar_samples(stream: IO[bytes], errors: Counter) -> Iterator[dict[str, bytes | str]]:
-    """Group consecutive members with the same key into samples `{"__key__": key, ext: bytes, ...}`.
-    A key seen twice in one sample (duplicate member) is counted as `duplicate_member` and the first kept."""
-    sample: dict[str, bytes | str] | None = None
-    for name, data in iter_tar_members(stream, errors):
+def iter_tar_samples(stream: IO[bytes], errors: Counter, start: int = 0) -> Iterator[dict[str, bytes | str | int]]:
+    """Group consecutive members with the same key into samples `{"__key__": key, "__offset__": where the
+    sample's first member begins in the file, ext: bytes, ...}` (`start`: the stream's offset in the file, when
+    it was opened at a sample's offset). A key seen twice in one sample (duplicate member) is counted as
+    `duplicate_member` and the first kept."""
+    sample: dict[str, bytes | str | int] | None = None
+    for offset, name, data in iter_tar_records(stream, errors, start):
         key, ext = split_key(name)
         if not ext or key.startswith("__"):
             continue  # webdataset metadata members like __index__
         if sample is None or sample["__key__"] != key:
             if sample is not None:
                 yield sample
-            sample = {"__key__": key}
+            sample = {"__key__": key, "__offset__": offset}
         if ext in sample:
             errors["duplicate_member"] += 1
             continue
