@@ -83,9 +83,13 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric entries of a metrics record except "step" (strings such as paths are not plotted)."""
+    """The numeric entries of a metrics record except "step" (strings such as paths are not plotted); a nested
+    mapping of numbers (e.g. data_skipped: {reason: count}) becomes "key/inner" entries."""
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}/{name}": value for name, value in _scalars(v).items()})
+            continue
         if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             continue
         out[k] = float(v)
