@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import runtime
 from .ema import EmaWeights
 from .optim import LrSchedule, make_optimizer
 
@@ -28,6 +29,7 @@ class TrainState:
         optimizer = make_optimizer(
             unet, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon
         )
+        prime_adamw(optimizer)
         return cls(
             unet=unet, optimizer=optimizer,
             lr_schedule=LrSchedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps),
@@ -46,3 +48,23 @@ class TrainState:
         """Within the block the UNet holds the weights to evaluate and export: the EMA when there is one."""
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             yield
+
+
+def prime_adamw(optimizer: torch.optim.Optimizer) -> None:
+    """Create the per-parameter state of an Adam/AdamW now, with the values its first step would create lazily:
+    step count 0 (0-d fp32, on the parameter's device when `capturable`) and zero moments like the parameter.
+
+    Left to the first step, the zeros are ops of that step's graph, so step 1 compiles one graph and step 2
+    (the state now device data) another. Primed with device data (`runtime.to_device`), step 1 already runs
+    the steady graph, and filling the state compiles nothing. Parameters that already have state (a restored
+    optimizer) are left alone.
+    """
+    for group in optimizer.param_groups:
+        moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        for p in group["params"]:
+            if optimizer.state[p]:
+                continue
+            zeros = [torch.zeros(p.shape, dtype=p.dtype) for _ in moments]
+            step_device = p.device if group["capturable"] else torch.device("cpu")
+            [step] = runtime.to_device([torch.zeros((), dtype=torch.float32)], step_device)
+            optimizer.state[p].update(step=step, **dict(zip(moments, runtime.to_device(zeros, p.device))))
