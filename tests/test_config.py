@@ -20,6 +20,14 @@ def test_defaults_and_print_loss():
     assert cfg.logging_steps == 1 and cfg.train_batch_size == 4 and cfg.mixed_precision == "no"
 
 
+def test_flash_attention_flags():
+    """diffusers' xformers flag maps onto ours; MFU's peak is unset unless given."""
+    assert not parse_args(BASE).enable_flash_attention and parse_args(BASE).peak_tflops is None
+    assert parse_args(BASE + ["--enable_flash_attention"]).enable_flash_attention
+    cfg = parse_args(BASE + ["--enable_xformers_memory_efficient_attention", "--peak_tflops", "459"])
+    assert cfg.enable_flash_attention and cfg.peak_tflops == 459.0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -41,6 +49,7 @@ def test_defaults_and_print_loss():
          "pass one of --validation_steps and --validation_epochs"),
         (["--image_interpolation_mode", "sinc"], "invalid choice"),
         (["--loader_prefetch_factor", "0"], "--loader_prefetch_factor must be >= 1"),
+        (["--peak_tflops", "0"], "--peak_tflops must be > 0"),
     ],
 )
 def test_bad_values_exit_with_one_line(capsys, extra, message):

@@ -98,7 +98,7 @@ FLAG_CASES = {
     "checkpointing_steps": (["--checkpointing_steps=500"], "ok"),
     "checkpoints_total_limit": (["--checkpoints_total_limit=2"], "ok"),
     "resume_from_checkpoint": (["--resume_from_checkpoint=latest"], "ok"),
-    "enable_xformers_memory_efficient_attention": (["--enable_xformers_memory_efficient_attention"], "warning"),
+    "enable_xformers_memory_efficient_attention": (["--enable_xformers_memory_efficient_attention"], "ok"),
     "noise_offset": (["--noise_offset=0.1"], "ok"),
     "validation_epochs": (["--validation_prompts", "a red circle", "--validation_epochs=2"], "ok"),
     "tracker_project_name": (["--tracker_project_name=my-project"], "ok"),

@@ -103,15 +103,28 @@ class TrainConfig:
     )
     ema_decay: float = option(0.9999, "Largest EMA decay; the decay warms up as update/(update+9) (diffusers').")
     seed: int = option(0, "Seed for data order, noise, timesteps and augmentation.")
-    # parallelism
+    # parallelism and kernels
     fsdp_size: int = option(1, "Size of the mesh's 'fsdp' axis; the 'data' axis takes the remaining devices.")
+    enable_flash_attention: bool = option(
+        False, "On TPU, attention through torch_xla's Pallas flash-attention kernel (diffusers' XLA processor, "
+        "with the batch split over the mesh); elsewhere a warning and the standard attention."
+    )
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "diffusers' flag name, accepted for users' commands: the same as --enable_flash_attention."
+    )
+    peak_tflops: float | None = option(
+        None, "Peak bf16 TFLOP/s of one chip, against which MFU (model FLOPs utilisation) is logged; default: "
+        "the published peak of the TPU generation the runtime reports (v4, v5e, v5p, v6e). Without either (e.g. "
+        "on CPU) MFU is not reported."
+    )
     # logging and output
     output_dir: str = option("sd-model-finetuned-xla", "Where the trained pipeline (and logs) are written.")
     logging_steps: int = option(10, "Log loss, grad norm, step time and images/s every N steps.")
     print_loss: bool = option(False, "Print the loss at every step (same as --logging_steps 1).")
     max_compilations: int = option(
         4, "Stop with an error when the training loop has compiled more than this many XLA graphs "
-        "(a clean run compiles 2: the first step and the steady state)."
+        "(a clean run compiles 1: the optimizer state exists before the first step, which then already runs "
+        "the steady graph)."
     )
     timing_warmup_steps: int = option(3, "Steps excluded from the reported mean step time.")
     profile_duration: int = option(10000, "Profile capture length in ms when PROFILE_DIR is set.")
@@ -228,10 +241,6 @@ class TrainConfig:
     offload_ema: bool = option(
         False, "Ignored (warning): the moving average stays on the devices, beside the weights it averages."
     )
-    enable_xformers_memory_efficient_attention: bool = option(
-        False, "xFormers is CUDA-only; on TPU this becomes flash attention where supported (warning: for now the "
-        "standard attention runs)."
-    )
     dream_training: bool = option(False, "Refused (error): DREAM (Zhou et al. 2023) is not implemented here.")
     dream_detail_preservation: float = option(1.0, "DREAM's detail preservation p (only with --dream_training).")
     # coming with other issues (a value other than the default is refused for now)
@@ -248,6 +257,8 @@ class TrainConfig:
             # diffusers' nargs="+": one argument is ours (';'-separated or a file), several are one prompt each.
             prompts = [p.strip() for p in self.validation_prompts if p.strip()]
             self.validation_prompts = prompts[0] if len(prompts) == 1 else (prompts or None)
+        if self.enable_xformers_memory_efficient_attention:
+            self.enable_flash_attention = True
         check([
             (self.dataset_name is None and self.train_data_dir is None,
              "pass --dataset_name or --train_data_dir"),
@@ -262,6 +273,7 @@ class TrainConfig:
             (not 0 <= self.ema_decay < 1, "--ema_decay must be in [0, 1)"),
             (not 0 <= self.proportion_empty_prompts < 1, "--proportion_empty_prompts must be in [0, 1)"),
             (self.fsdp_size < 1, "--fsdp_size must be >= 1"),
+            (self.peak_tflops is not None and self.peak_tflops <= 0, "--peak_tflops must be > 0"),
             (self.logging_steps < 1, "--logging_steps must be >= 1"),
             (self.max_compilations < 1, "--max_compilations must be >= 1"),
             (self.dataloader_num_workers < 0, "--dataloader_num_workers must be >= 0"),
@@ -330,9 +342,6 @@ class TrainConfig:
                                  "fp32 (the same update, more memory; shard it with --fsdp_size)"),
             (self.foreach_ema, "--foreach_ema is ignored: the EMA update is already fused into the step's graph"),
             (self.offload_ema, "--offload_ema is ignored: the moving average stays on the devices"),
-            (self.enable_xformers_memory_efficient_attention,
-             "--enable_xformers_memory_efficient_attention: xFormers is CUDA-only and flash attention is not wired "
-             "into the trainer yet; the standard attention runs"),
             (self.non_ema_revision is not None and self.use_ema and self.non_ema_revision != self.revision,
              "--non_ema_revision with --use_ema: the moving average starts from the --non_ema_revision weights "
              "(diffusers starts it from --revision's)"),

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
+from . import runtime
+
 
 def ema_decay(update: int, max_decay: float) -> float:
     """Decay applied at optimizer update number `update` (1-based): 0 at the first (the average starts as
@@ -34,18 +36,18 @@ class EmaWeights:
         self.max_decay = max_decay
         # Built by a host round trip, not `clone()`: on XLA a clone is a pending lazy op that the next graph
         # cut (possibly an evaluation's) would compile as one more graph; transferred tensors are plain
-        # device data. Parameters are replicated over the mesh (batch-only sharding), so the shadows need
-        # no sharding annotation of their own.
-        with torch.no_grad():
-            self.shadow = [p.detach().to("cpu", copy=True).to(p.device) for p in self.params]
+        # device data, replicated like the parameters (runtime.to_device: as the step leaves them).
         device = self.params[0].device
-        self._decay = torch.zeros((), dtype=torch.float32).to(device)
+        with torch.no_grad():
+            self.shadow = runtime.to_device([p.detach().cpu() for p in self.params], device)
+        [self._decay] = runtime.to_device([torch.zeros((), dtype=torch.float32)], device)
         self.decay = 0.0
 
     def set_update(self, update: int) -> float:
         """Set the decay for optimizer update number `update` (1-based) before the step runs; returns it."""
         self.decay = ema_decay(update, self.max_decay)
-        self._decay.copy_(torch.tensor(self.decay, dtype=torch.float32))
+        # from device data: a CPU source would make the first update's decay, 0, a graph constant
+        self._decay.copy_(runtime.to_device([torch.tensor(self.decay, dtype=torch.float32)], self._decay.device)[0])
         return self.decay
 
     @torch.no_grad()

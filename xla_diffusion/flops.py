@@ -126,6 +126,29 @@ class StepFlops:
         return self.total / self.batch
 
 
+@dataclass(frozen=True)
+class Utilisation:
+    """A run's work per step against its hardware: MFU from a step time.
+
+    ``peak_tflops`` is per chip (= per PJRT device on v4 and later); None when it is unknown (no
+    ``--peak_tflops`` and no TPU generation from the table): MFU is then not reported.
+    """
+
+    flops: StepFlops  # of one step over the global batch
+    num_chips: int
+    peak_tflops: float | None
+
+    def mfu(self, step_time_s: float) -> float | None:
+        """MFU of a step that took ``step_time_s`` (0.4 = 40%), or None without a peak."""
+        if self.peak_tflops is None:
+            return None
+        return mfu(self.flops.total, step_time_s, self.num_chips, self.peak_tflops)
+
+    def summary(self) -> dict[str, Any]:
+        return {"flops_per_step": self.flops.total, "flops_per_image": self.flops.per_image,
+                "peak_tflops": self.peak_tflops}
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of the matmuls and convolutions ``fn`` runs (forward, or backward if it calls one).
 

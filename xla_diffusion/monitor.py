@@ -11,18 +11,23 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import runtime
 from .errors import TooManyCompilations
 
+if TYPE_CHECKING:
+    from .flops import Utilisation
+
 
 class StepMonitor:
     def __init__(self, global_batch: int, max_steps: int, tracker: Any, max_compilations: int,
-                 timing_warmup_steps: int, show_progress: bool, start_step: int = 0):
+                 timing_warmup_steps: int, show_progress: bool, start_step: int = 0,
+                 utilisation: Utilisation | None = None):
         self.global_batch, self.max_steps, self.tracker = global_batch, max_steps, tracker
+        self.utilisation = utilisation  # FLOPs per step and peak: MFU beside images/s (None: not reported)
         self.max_compilations, self.timing_warmup_steps = max_compilations, timing_warmup_steps
         self.history: list[dict[str, Any]] = []
         self.compile_base = runtime.compile_count()
@@ -72,11 +77,18 @@ class StepMonitor:
             "images_per_s": self.global_batch / dt,
             "compilations": self.compilations(),
             **(extra or {}),
+            **self._mfu(dt),
         }
         self.history.append(metrics)
         self.tracker.log(metrics)
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+            mfu = {"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}
+            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}", **mfu)
+
+    def _mfu(self, step_time_s: float) -> dict[str, float]:
+        """{"mfu": value} for a step time, or {} when MFU is not reported."""
+        value = self.utilisation.mfu(step_time_s) if self.utilisation is not None else None
+        return {} if value is None else {"mfu": value}
 
     def after_step(self, step: int) -> None:
         """After the step's graph was launched: progress, the compilation bound, the start of the timed window."""
@@ -103,6 +115,7 @@ class StepMonitor:
         t0, s0 = self._timed_from
         timed_steps = last_step - s0
         mean = (self._clock() - t0) / max(timed_steps, 1)
+        work = self.utilisation.summary() if self.utilisation is not None else {}
         return {"mean_step_time_s": mean, "timed_steps": timed_steps, "images_per_s": self.global_batch / mean,
-                "compilations": self.compilations(), "eval_time_s": self.paused_s,
-                "wall_time_s": time.perf_counter() - self.start}
+                **work, "mfu": self._mfu(mean).get("mfu"), "compilations": self.compilations(),
+                "eval_time_s": self.paused_s, "wall_time_s": time.perf_counter() - self.start}

@@ -32,8 +32,9 @@ def make_optimizer(
     steps, and each time the step compiles again.
     """
     device = next(module.parameters()).device
+    [lr_tensor] = runtime.to_device([torch.tensor(lr, dtype=torch.float32)], device)
     return torch.optim.AdamW(
-        module.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=device), betas=betas,
+        module.parameters(), lr=lr_tensor, betas=betas,
         weight_decay=weight_decay, eps=eps, capturable=True, foreach=False,
     )
 
@@ -94,7 +95,9 @@ class LrSchedule:
         self.lr = self.peak * self.factor(step)
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
-                group["lr"].copy_(torch.tensor(self.lr, dtype=torch.float32))
+                # from device data: a CPU source would make an lr of 0 (warm-up's first step) a graph constant
+                [lr] = runtime.to_device([torch.tensor(self.lr, dtype=torch.float32)], group["lr"].device)
+                group["lr"].copy_(lr)
             else:
                 group["lr"] = self.lr
         return self.lr

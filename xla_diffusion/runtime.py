@@ -56,6 +56,7 @@ def init_runtime(fsdp_size: int = 1, compile_cache_dir: str | None = None) -> Ru
     if num_devices % fsdp_size:
         raise ValueError(f"--fsdp_size {fsdp_size} does not divide the {num_devices} devices")
     mesh = xs.Mesh(np.arange(num_devices), (num_devices // fsdp_size, fsdp_size), MESH_AXES)
+    xs.set_global_mesh(mesh)  # kernels called without a mesh (diffusers' flash attention) shard over this one
     return Runtime(
         device=torch_xla.device(),
         process_index=xr.process_index(),
@@ -63,6 +64,34 @@ def init_runtime(fsdp_size: int = 1, compile_cache_dir: str | None = None) -> Ru
         num_devices=num_devices,
         mesh=mesh,
     )
+
+
+def on_tpu() -> bool:
+    """Whether the XLA devices are TPUs (PJRT_DEVICE; nothing is started)."""
+    import torch_xla.runtime as xr
+
+    return xr.device_type() == "TPU"
+
+
+def device_kind() -> str | None:
+    """The accelerator's kind, for the peak-FLOPs table (`flops.peak_tflops` reads it): the PJRT device kind
+    ('TPU v5 lite', 'TPU v4'), or under SPMD, where `xm.xla_device_kind()` cannot name the virtual device, the
+    TPU type of the VM's accelerator type ('v5litepod', 'v6e', 'v5p'); 'TPU' when neither can be read. None
+    off TPU."""
+    import torch_xla.core.xla_model as xm
+
+    if not on_tpu():
+        return None
+    try:
+        return xm.xla_device_kind()
+    except RuntimeError:  # "Unknown device SPMD:0"
+        pass
+    try:
+        from torch_xla._internal import tpu
+
+        return tpu.get_tpu_type()
+    except (OSError, KeyError, TypeError, ValueError):  # no metadata server, no TPU_ACCELERATOR_TYPE
+        return "TPU"
 
 
 def batch_sharding_spec(mesh: object, ndim: int, host_local: bool = True) -> object:
@@ -122,6 +151,35 @@ def place_frozen(module: M | None, dtype: torch.dtype, device: torch.device) -> 
     return None if module is None else module.to(dtype=dtype).to(device)
 
 
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Copies of host tensors on `device`, as device data from now on, replicated over the mesh.
+
+    What the training step carries from one step to the next (optimizer state, lr, EMA shadows and decay) must
+    enter step 1 exactly as it leaves every step, or step 1 traces a graph of its own: a graph output is device
+    data with a sharding annotation, and `tensor.to(device)` gives neither a sharding nor, for a 0-d tensor
+    holding 0 or 1 (an AdamW step count of 0, an lr warm-up or EMA decay starting at 0), device data: torch_xla
+    turns such "special scalars" into constants of the graph. Off XLA (CPU unit tests) a plain copy.
+    """
+    if device.type != "xla":
+        return [t.to(device, copy=True) for t in tensors]
+    import torch_xla.core.xla_model as xm
+
+    return xm.send_cpu_data_to_device([t.cpu() for t in tensors], device)
+
+
+def place_trained(module: M, mesh: object) -> M:
+    """The trained module on the mesh's device, its parameters annotated as replicated over the mesh, as the
+    step's outputs will be: unannotated parameters make step 1's graph differ from every later one (see
+    `to_device`)."""
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+
+    module = module.to(torch_xla.device())
+    for p in module.parameters():
+        xs.mark_sharding(p, mesh, (None,) * p.ndim)
+    return module
+
+
 def device_loader(source: Iterable[dict[str, torch.Tensor]], ndims: dict[str, int], mesh: object,
                   loader_prefetch_size: int = 1, device_prefetch_size: int = 1) -> Iterable[dict[str, torch.Tensor]]:
     """Host batches → device batches (torch_xla's MpDeviceLoader), every key sharded on dim 0 over the whole
@@ -154,6 +212,15 @@ def compile_count() -> int:
     import torch_xla.debug.metrics as met
 
     return int(met.counter_value("UncachedCompile") or 0)
+
+
+def metric_seconds(name: str) -> float:
+    """Total of a torch_xla timing metric in this process so far, in seconds ('CompileTime',
+    'ExecuteReplicatedTime', ...); 0 before its first sample."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data(name)
+    return data[1] / 1e9 if data else 0.0
 
 
 def sync() -> None:

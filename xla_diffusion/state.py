@@ -49,3 +49,4 @@ class TrainState:
         """Within the block the UNet holds the weights to evaluate and export: the EMA when there is one."""
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             yield
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from .state import TrainState
 from .tracking import make_trackers, public_config
 from .train_step import FrozenParts, StepConfig, train_step
 
+if TYPE_CHECKING:
+    from .flops import Utilisation
+
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +53,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                      bf16=cfg.mixed_precision == "bf16", latents=latents, **objective_options(cfg))
     repo_id = create_hub_repo(cfg, rt)
     frozen = FrozenParts.place(models, frozen_dtype(cfg.mixed_precision), rt.device)
-    state = TrainState.create(models.unet.to(rt.device), cfg)  # fp32 master weights on the mesh
+    if cfg.enable_flash_attention:
+        use_flash_attention(models.unet)
+    state = TrainState.create(runtime.place_trained(models.unet, rt.mesh), cfg)  # fp32 master weights on the mesh
+    utilisation = training_utilisation(cfg, models, source.ndims, latents, global_batch, rt)
     checkpoints = RunCheckpoints(cfg, rt)
     position = checkpoints.begin(resume_from, state)  # None: from the start
     if rt.is_main_process:
@@ -60,7 +66,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg, rt)
     evaluator = InLoopEvaluator.create(cfg, models, rt, tracker, state.unet, frozen, step_cfg)
     monitor = StepMonitor(global_batch, cfg.max_train_steps, tracker, cfg.max_compilations,
-                          cfg.timing_warmup_steps, show_progress=rt.is_main_process, start_step=state.step)
+                          cfg.timing_warmup_steps, show_progress=rt.is_main_process, start_step=state.step,
+                          utilisation=utilisation)
     feed = DataFeed(source, position)  # counts the batches the steps consume, not the prefetched ones
     loader = iter(runtime.device_loader(feed, feed.ndims, rt.mesh, cfg.loader_prefetch_size,
                                         cfg.device_prefetch_size))
@@ -118,6 +125,41 @@ def training_data(cfg: TrainConfig, models: Models, rt: runtime.Runtime, latents
         source = CaptionDropout(source, cfg.proportion_empty_prompts, empty_prompt(source, models), cfg.seed,
                                 rt.process_index)
     return source
+
+
+def use_flash_attention(unet: torch.nn.Module) -> None:
+    """--enable_flash_attention on the plain UNet: on TPU diffusers' XLA flash-attention processor, its batch
+    dimension split like the inputs' (over runtime.BATCH_AXES of the global mesh); elsewhere one warning."""
+    from .attention import enable_flash_attention  # imports diffusers' processors, and with them torch_xla
+
+    enable_flash_attention(unet, runtime.on_tpu(), runtime.BATCH_AXES)
+
+
+def training_utilisation(cfg: TrainConfig, models: Models, batch_ndims: dict[str, int],
+                         latents: LatentManifest | None, global_batch: int, rt: runtime.Runtime) -> Utilisation:
+    """The step's training FLOPs, counted once on meta copies of what it runs (the batch's keys say which:
+    pixel values are encoded by the VAE in the step, token ids by the text encoder), and the peak per chip:
+    --peak_tflops, else the table's for the TPU generation the runtime reports, else none (no MFU)."""
+    # Imported here: importing torch_xla (diffusers' model modules do) before the CLI sets up logging would
+    # give the root logger a handler, and the INFO lines would be lost.
+    from .flops import Utilisation, count_train_flops, peak_tflops
+
+    step = count_train_flops(
+        models.unet.config, batch=global_batch, resolution=cfg.resolution,
+        text_len=latents.text_shape[0] if latents is not None else models.tokenizer.model_max_length,
+        vae_config=models.vae_config if "pixel_values" in batch_ndims else None,
+        text_configs=[models.text_encoder.config] if "input_ids" in batch_ndims else (),
+        vae_scale_factor=models.vae_scale,
+    )
+    kind = runtime.device_kind()
+    peak = cfg.peak_tflops or (peak_tflops(kind) if kind else None)
+    if rt.is_main_process:
+        log.info("training FLOPs per step %.4g (per image %.4g: UNet forward+backward %.4g, VAE encoder %.4g, text "
+                 "encoder %.4g); %s", step.total, step.per_image, step.unet_train / step.batch,
+                 step.vae_enc / step.batch, step.text_enc / step.batch,
+                 f"MFU against {peak:g} TFLOP/s per chip" if peak else
+                 f"MFU not reported: no peak known for device {kind or 'cpu'!r} (pass --peak_tflops)")
+    return Utilisation(step, rt.num_devices, peak)
 
 
 def make_tracker(cfg: TrainConfig, rt: runtime.Runtime) -> Any:

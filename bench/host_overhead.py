@@ -1,0 +1,210 @@
+"""Host time per training step outside device execution, on the latent path, split by what the host does.
+
+Runs the trainer's own `train()` (latent shards, bf16, `--use_ema`, logging every `--logging_steps`) in a
+worker process on a `--devices` CPU mesh, with timers wrapped around the loop's parts:
+
+- loader wait: `next()` on the device loader (MpDeviceLoader: host batches and their transfer come from
+  background threads; this is how long the loop waits for them);
+- lr/EMA copies: `TrainState.begin_step` (the lr and EMA-decay device scalars filled from the host);
+- trace: the Python `train_step` call, in which lazy tensors record the whole step's graph;
+- graph cut + dispatch: `runtime.sync()`, which hashes the recorded graph, finds it compiled and launches it;
+- closures: the step closure (metrics to the tracker and progress bar) on logging steps;
+- monitor: `StepMonitor.after_step` (progress bar, compile count);
+- other: the rest of the loop's wall time (its Python, the profiler and evaluation checks).
+
+Device time is taken out by measurement, not by assumption: after each graph cut the worker waits for the
+devices (`wait_device_ops`, and inside the closure wrapper before the closure reads its tensors) and counts
+that wait as device time, so host and device never overlap and every host phase runs with idle devices. On
+a TPU the host's work for step n+1 overlaps step n's execution; here it is measured on its own. Host time
+= wall time - device wait. torch_xla's ExecuteReplicatedTime metric is printed beside the measured wait.
+
+    .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
+
+PHASES = ("loader wait", "lr/EMA copies", "trace", "graph cut + dispatch", "closures", "monitor", "other")
+UNETS = {"tiny": "tiny (test kit: 2 levels, 1 attention level)",
+         "sd2-base/8": "SD2-base structure, widths / 8"}
+
+
+def narrow_unet_pipeline(pipeline: str, out: str) -> str:
+    """A copy of the tiny pipeline whose UNet has SD2-base's structure with widths / 8 (bench/first_step.py),
+    taking the tiny text encoder's states (cross-attention width 32)."""
+    from diffusers import UNet2DConditionModel
+
+    from bench.first_step import narrow_sd2_base_config
+
+    shutil.copytree(pipeline, out)
+    config = {**narrow_sd2_base_config(8), "cross_attention_dim": 32}
+    shutil.rmtree(os.path.join(out, "unet"))
+    UNet2DConditionModel(**config).save_pretrained(os.path.join(out, "unet"))
+    return out
+
+
+class Timers:
+    """Wall seconds and main-thread CPU seconds per phase, summed over the timed steps (from `start_step` on)."""
+
+    def __init__(self, start_step: int):
+        self.start_step, self.step = start_step, 0
+        self.total: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.device = self.device_cpu = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.step >= self.start_step
+
+    def wrap(self, phase: str, fn):
+        def timed(*a, **kw):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if self.on:
+                    self.total[phase] += time.perf_counter() - t0
+                    self.cpu[phase] += time.thread_time() - c0
+        return timed
+
+
+def worker(args: argparse.Namespace) -> dict:
+    from xla_diffusion import runtime, trainer
+    from xla_diffusion.config import parse_args
+    from xla_diffusion.monitor import StepMonitor
+    from xla_diffusion.state import TrainState
+
+    timers = Timers(args.warmup + 1)
+    device_wait = runtime.wait_device_ops
+
+    def wait_for_device() -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        device_wait()
+        if timers.on:
+            timers.device += time.perf_counter() - t0
+            timers.device_cpu += time.thread_time() - c0
+
+    class TimedLoader:
+        def __init__(self, loader):
+            self.it = iter(loader)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            timers.step += 1  # the loop asks for step n's batch first
+            if timers.step == timers.start_step:
+                timers.exec0 = runtime.metric_seconds("ExecuteReplicatedTime")
+            return timers.wrap("loader wait", self.it.__next__)()
+
+    loader, sync, closure = runtime.device_loader, runtime.sync, runtime.add_step_closure
+    runtime.device_loader = lambda *a, **kw: TimedLoader(loader(*a, **kw))
+
+    def timed_closure(fn, args=()):
+        def run(*a):
+            wait_for_device()  # the closure's tensors are ready once the devices are done: device time
+            timers.wrap("closures", fn)(*a)
+        closure(run, args)
+
+    def sync_then_wait() -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        inner0 = timers.total["closures"] + timers.device, timers.cpu["closures"] + timers.device_cpu
+        sync()
+        if timers.on:  # closures run inside sync(): their time and the device wait in them are not the cut's
+            inner = timers.total["closures"] + timers.device, timers.cpu["closures"] + timers.device_cpu
+            timers.total["graph cut + dispatch"] += time.perf_counter() - t0 - (inner[0] - inner0[0])
+            timers.cpu["graph cut + dispatch"] += time.thread_time() - c0 - (inner[1] - inner0[1])
+        wait_for_device()
+
+    runtime.add_step_closure, runtime.sync = timed_closure, sync_then_wait
+    trainer.train_step = timers.wrap("trace", trainer.train_step)
+    TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
+    StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)
+    cfg = parse_args([
+        "--pretrained_model_name_or_path", args.pipeline, "--train_data_dir", args.data, "--resolution", "64",
+        "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--mixed_precision", "bf16",
+        "--use_ema", "--logging_steps", str(args.logging_steps), "--timing_warmup_steps", str(args.warmup),
+        "--output_dir", args.out,
+    ])
+    summary = trainer.train(cfg)
+    # train() ends with an export; the loop's wall time is taken up to the monitor's last timing instead
+    steps = args.steps - args.warmup
+    wall = summary["mean_step_time_s"] * summary["timed_steps"]
+    execute = runtime.metric_seconds("ExecuteReplicatedTime") - timers.exec0
+    phases = {k: v / steps for k, v in timers.total.items()}
+    device = timers.device / steps
+    phases["other"] = wall / steps - device - sum(phases.values())
+    return {"phases": phases, "cpu": {k: v / steps for k, v in timers.cpu.items()}, "device_s": device,
+            "execute_metric_s": execute / steps, "wall_s": wall / steps, "steps": steps,
+            "compilations": summary["compilations"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out (compilation, first executions)")
+    p.add_argument("--batch", type=int, default=16, help="global batch (one host)")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    work = tempfile.mkdtemp(prefix="bench_host_overhead_")
+    pipeline, _, latents = prepare(work, num_images=256, devices=args.devices)
+    results = {}
+    for unet in args.unets:
+        pipe = pipeline if unet == "tiny" else narrow_unet_pipeline(pipeline, os.path.join(work, "pipeline-sd2"))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--pipeline", pipe, "--data", latents,
+               "--out", os.path.join(work, f"out-{unet.replace('/', '-')}")] + sys.argv[1:]
+        r = subprocess.run(cmd, env=cpu_env(args.devices), cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
+        results[unet] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"  {unet}: host {1e3 * (results[unet]['wall_s'] - results[unet]['device_s']):.1f} ms/step",
+              file=sys.stderr, flush=True)
+    print(command_line())
+    print(f"latent shards (tiny VAE, 64 px -> 4x16x16 latents, text states 16x32), global batch {args.batch}, bf16, "
+          f"--use_ema, logging every {args.logging_steps} steps, {args.devices} CPU devices; mean over steps "
+          f"{args.warmup + 1}..{args.steps}, host and device serialised (see the docstring); load average at the "
+          f"end {os.getloadavg()[0]:.1f}")
+    print()
+    print("Wall ms per step (host total = wall - device wait):")
+    print()
+    print("| UNet | " + " | ".join(PHASES) + " | host total | device wait | ExecuteReplicatedTime "
+          "| step compilations |")
+    print("| --- |" + " ---: |" * (len(PHASES) + 4))
+    for unet, res in results.items():
+        host = res["wall_s"] - res["device_s"]
+        cells = " | ".join(f"{1e3 * res['phases'].get(ph, 0.0):.2f}" for ph in PHASES)
+        print(f"| {UNETS[unet]} | {cells} | **{1e3 * host:.1f}** | {1e3 * res['device_s']:.1f} "
+              f"| {1e3 * res['execute_metric_s']:.1f} | {res['compilations']} |")
+    print()
+    print("Main-thread CPU ms per step (not inflated by other processes; 'other' has no CPU timer):")
+    print()
+    print("| UNet | " + " | ".join(PHASES[:-1]) + " | host total |")
+    print("| --- |" + " ---: |" * len(PHASES))
+    for unet, res in results.items():
+        cells = " | ".join(f"{1e3 * res['cpu'].get(ph, 0.0):.2f}" for ph in PHASES[:-1])
+        print(f"| {UNETS[unet]} | {cells} | **{1e3 * sum(res['cpu'].values()):.1f}** |")
+
+
+if __name__ == "__main__":
+    main()
