@@ -1,0 +1,405 @@
+"""FSDP over the named mesh: sharding rules as data, applied to a plain model and its training state, and
+the measurements that check it (per-device bytes read from the device buffers, collectives read from the
+compiled HLO).
+
+The rule table is an ordered list of `(pattern, spec)`: `pattern` is an fnmatch pattern over parameter
+names (`"*.attn1.to_q.weight"`), `spec` a partition spec with one entry per tensor dimension (a mesh axis
+name, a tuple of axis names, or None for "not split"), or `REPLICATED`. The first rule whose pattern
+matches a parameter decides its spec; parameters no rule matches get the default: the largest dimension
+divisible by the `fsdp` axis size is split over `fsdp`, and tensors under `min_shard_numel` elements
+(biases, norms) or with no divisible dimension are replicated. Parameters are replicated over the `data`
+axis, so a `(data, fsdp)` mesh is data parallel across `data` and fully sharded within `fsdp`.
+
+With torch_xla this module and `runtime.py` are the only ones that import it (inside functions, so the
+pure parts — rule resolution, HLO and buffer-assignment parsing — work without a device).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FSDP_AXIS = "fsdp"
+# Below this many elements a tensor stays replicated: sharding it saves a few KiB per chip but costs one
+# more collective per step. 4096 fp32 elements is 16 KiB. The largest biases of SD's UNets (the GEGLU
+# projection's, 10240 elements) are sharded under it; add a rule such as ("*.bias", REPLICATED) to keep them whole.
+DEFAULT_MIN_SHARD_NUMEL = 4096
+REPLICATED = "replicated"
+
+AxisEntry = str | tuple[str, ...] | None
+PartitionSpec = tuple[AxisEntry, ...]
+Rule = tuple[str, PartitionSpec | str]
+
+
+class ShardingRuleError(ValueError):
+    """A sharding rule that matches nothing or does not fit a tensor; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules → specs (pure: no device, works on meta-device models)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mesh_axis_sizes(mesh: Any) -> dict[str, int]:
+    """{axis name: size} of a torch_xla `Mesh` (e.g. {"data": 2, "fsdp": 2})."""
+    return {str(name): int(size) for name, size in zip(mesh.axis_names, mesh.mesh_shape)}
+
+
+def replicated_spec(ndim: int) -> PartitionSpec:
+    return (None,) * ndim
+
+
+def default_spec(
+    shape: Sequence[int], axis_sizes: Mapping[str, int], min_shard_numel: int = DEFAULT_MIN_SHARD_NUMEL
+) -> PartitionSpec:
+    """The default rule for one tensor of `shape`: split its largest dimension divisible by the fsdp axis
+    size over `fsdp` (the first such dimension on a tie), or replicate it when it is smaller than
+    `min_shard_numel` elements, has no divisible dimension, or the fsdp axis has size 1."""
+    size = axis_sizes.get(FSDP_AXIS, 1)
+    if size <= 1 or math.prod(shape) < min_shard_numel:
+        return replicated_spec(len(shape))
+    candidates = [d for d, n in enumerate(shape) if n % size == 0]
+    if not candidates:
+        return replicated_spec(len(shape))
+    best = max(candidates, key=lambda d: (shape[d], -d))
+    return tuple(FSDP_AXIS if d == best else None for d in range(len(shape)))
+
+
+def _entry_axes(entry: AxisEntry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def check_spec(name: str, shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int],
+               rule: str = "") -> None:
+    """Raise ShardingRuleError unless `spec` fits a tensor `name` of `shape` on a mesh of `axis_sizes`:
+    one entry per dimension, known axes, each axis used once, and every split dimension divisible."""
+    where = f"sharding rule {rule!r} " if rule else "spec "
+    if len(spec) != len(shape):
+        raise ShardingRuleError(
+            f"{where}gives {len(spec)}-d spec {spec} for {name} of shape {tuple(shape)} ({len(shape)}-d)")
+    used: list[str] = []
+    for dim, entry in enumerate(spec):
+        axes = _entry_axes(entry)
+        for axis in axes:
+            if axis not in axis_sizes:
+                raise ShardingRuleError(
+                    f"{where}names mesh axis {axis!r} (for {name}); the mesh has {tuple(axis_sizes)}")
+            if axis in used:
+                raise ShardingRuleError(f"{where}uses mesh axis {axis!r} twice in {spec} (for {name})")
+            used.append(axis)
+        ways = math.prod(axis_sizes[a] for a in axes)
+        if shape[dim] % ways:
+            raise ShardingRuleError(
+                f"{where}splits dim {dim} of {name} {tuple(shape)} over {axes} ({ways} ways): "
+                f"{shape[dim]} is not divisible by {ways}")
+
+
+def resolve_specs(
+    named_shapes: torch.nn.Module | Mapping[str, Sequence[int]],
+    axis_sizes: Mapping[str, int],
+    rules: Sequence[Rule] = (),
+    min_shard_numel: int = DEFAULT_MIN_SHARD_NUMEL,
+) -> dict[str, PartitionSpec]:
+    """A partition spec for every parameter of a module (or every entry of {name: shape}), in order.
+
+    `rules` are tried in order and the first whose pattern matches the name wins; names that no rule
+    matches get `default_spec`. Raises ShardingRuleError when a rule's pattern matches no parameter, when
+    every parameter it matches was taken by an earlier rule, or when its spec does not fit a tensor.
+    """
+    if isinstance(named_shapes, torch.nn.Module):
+        shapes = {n: tuple(p.shape) for n, p in named_shapes.named_parameters()}
+    else:
+        shapes = {n: tuple(s) for n, s in named_shapes.items()}
+    used = [False] * len(rules)
+    specs: dict[str, PartitionSpec] = {}
+    for name, shape in shapes.items():
+        for i, (pattern, spec) in enumerate(rules):
+            if fnmatch.fnmatchcase(name, pattern):
+                resolved = replicated_spec(len(shape)) if spec == REPLICATED else tuple(spec)
+                check_spec(name, shape, resolved, axis_sizes, rule=pattern)
+                specs[name] = resolved
+                used[i] = True
+                break
+        else:
+            specs[name] = default_spec(shape, axis_sizes, min_shard_numel)
+    for (pattern, _), was_used in zip(rules, used):
+        if was_used:
+            continue
+        if any(fnmatch.fnmatchcase(n, pattern) for n in shapes):
+            raise ShardingRuleError(
+                f"sharding rule {pattern!r} is shadowed: earlier rules take every parameter it matches")
+        raise ShardingRuleError(f"sharding rule {pattern!r} matches no parameter")
+    return specs
+
+
+def local_numel(shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int]) -> int:
+    """Elements of one device's shard of a tensor of `shape` under a spec that fits it (check_spec)."""
+    return math.prod(n // math.prod(axis_sizes[a] for a in _entry_axes(e)) for n, e in zip(shape, spec))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying specs on the device
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shard_tensor(tensor: torch.Tensor, mesh: Any, spec: PartitionSpec) -> None:
+    """Annotate a device tensor with `spec` in place. Device data is resharded right away (no graph); a
+    replicated spec is annotated explicitly too, so every state tensor carries a sharding and its local
+    shards can be read back (`per_device_bytes`)."""
+    import torch_xla.distributed.spmd as xs
+
+    if tensor.device.type != "xla":
+        raise ValueError(f"cannot shard a tensor on {tensor.device}: move it to the XLA device first")
+    xs.mark_sharding(tensor, mesh, tuple(spec))
+
+
+def shard_module(module: torch.nn.Module, mesh: Any, specs: Mapping[str, PartitionSpec]) -> None:
+    """Annotate every parameter of `module` (already on the XLA device) with its spec from `specs`
+    (resolve_specs on the same module). Gradients follow through GSPMD's propagation."""
+    for name, param in module.named_parameters():
+        shard_tensor(param, mesh, specs[name])
+
+
+def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam/AdamW's per-parameter state now, as step 1 would, but as plain device data.
+
+    torch creates the state lazily inside the first `step()`; traced, those zeros become part of step 1's
+    graph, so step 1 compiles a graph of its own and step 2 the steady one. Primed, the state already exists
+    (and can be sharded, or restored into by a checkpoint manager) and step 1 runs the steady graph. The
+    tensors are built on the host and transferred, so priming compiles nothing. The values are exactly
+    torch's lazy initialisation (zeros, step 0).
+    """
+    import torch_xla
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise TypeError(f"prime_optimizer_state knows Adam/AdamW state, not {type(optimizer).__name__}")
+    # torch_xla turns a transferred 0-d tensor holding 0 or 1 into a graph constant ("special scalar"):
+    # the step count would be a constant 0 in step 1's graph and data afterwards, two graphs again.
+    special = torch_xla._XLAC._get_xla_handle_special_scalars()
+    torch_xla._XLAC._set_xla_handle_special_scalars(False)
+    try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if state:
+                    continue
+                if group["capturable"] or group["fused"]:
+                    step = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"])).to(p.device)
+                else:
+                    step = torch.tensor(0.0, dtype=_get_scalar_dtype())  # torch keeps this one on the host
+                state["step"] = step
+                keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+                for key in keys:
+                    state[key] = torch.zeros(p.shape, dtype=p.dtype).to(p.device)
+    finally:
+        torch_xla._XLAC._set_xla_handle_special_scalars(special)
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module, mesh: Any,
+                          specs: Mapping[str, PartitionSpec]) -> None:
+    """Annotate the optimizer state of `module`'s parameters: tensors shaped like their parameter (AdamW's
+    exp_avg, exp_avg_sq) take the parameter's spec; 0-d tensors (`step`) are replicated.
+
+    The state is primed first when it does not exist (prime_optimizer_state). Call this at fsdp=1 too: state
+    without an annotation goes into step 1's graph unannotated but comes out of it annotated (replicated),
+    which makes step 2 a different graph.
+    """
+    prime_optimizer_state(optimizer)
+    names = {id(p): n for n, p in module.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            spec = specs[names[id(p)]]
+            for value in state.values():
+                if not isinstance(value, torch.Tensor) or value.device.type != "xla":
+                    continue
+                shard_tensor(value, mesh, spec if value.shape == p.shape else replicated_spec(value.ndim))
+
+
+def shard_like_params(tensors: Sequence[torch.Tensor], module: torch.nn.Module, mesh: Any,
+                      specs: Mapping[str, PartitionSpec]) -> None:
+    """Annotate tensors that mirror `module.parameters()` one to one, in order (EMA shadows) with the
+    specs of their parameters."""
+    named = list(module.named_parameters())
+    if len(named) != len(tensors):
+        raise ValueError(f"{len(tensors)} tensors for {len(named)} parameters")
+    for (name, p), t in zip(named, tensors):
+        if t.shape != p.shape:
+            raise ValueError(f"tensor of shape {tuple(t.shape)} for {name} {tuple(p.shape)}")
+        shard_tensor(t, mesh, specs[name])
+
+
+def sharding_string(tensor: torch.Tensor) -> str:
+    """XLA's sharding annotation of a device tensor ('' when it has none)."""
+    import torch_xla
+
+    return torch_xla._XLAC._get_xla_sharding_spec(tensor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------
+
+
+def per_device_bytes(tensors: Iterable[torch.Tensor], chunk: int = 64) -> dict[str, int]:
+    """Bytes each addressable device holds for `tensors`, summed from their local shards as read back
+    from the device buffers (padding included), {device: bytes}, e.g. {"CPU:0": 1234, ...}.
+
+    Every tensor must be materialised device data with a sharding annotation (replicated ones too:
+    `shard_tensor(t, mesh, replicated_spec(t.ndim))`); a tensor without one raises, since it has no local
+    shards to read. Shards are copied to the host `chunk` tensors at a time, to bound host memory.
+    """
+    import torch_xla
+
+    seen: set[int] = set()
+    unique = [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
+    for t in unique:
+        if not torch_xla._XLAC._get_xla_sharding_spec(t):
+            raise ValueError(f"a {tuple(t.shape)} {t.dtype} tensor has no sharding annotation to measure")
+    totals: dict[str, int] = {}
+    for start in range(0, len(unique), chunk):
+        for shards in torch_xla._XLAC._get_local_shards(unique[start:start + chunk]):
+            for data, device in shards:
+                totals[device] = totals.get(device, 0) + data.numel() * data.element_size()
+    return dict(sorted(totals.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
+    "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# `%name = <shape> <opcode>(<operands>)...` in XLA's text HLO; the shape is an array or a tuple.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+
+
+def _shape_bytes(shape: str) -> int:
+    return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(shape))
+
+
+@dataclass
+class CollectiveStats:
+    """One collective kind in an HLO module: how many ops, and their per-device operand and result bytes."""
+
+    count: int = 0
+    operand_bytes: int = 0
+    result_bytes: int = 0
+
+
+def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
+    """Count the collectives of a compiled (SPMD-partitioned, "after optimizations") HLO module's text.
+
+    Returns {kind: CollectiveStats} for kind in COLLECTIVES (all present, zeros when absent). Shapes in
+    partitioned HLO are per device, so bytes are what one device sends in (operands) and gets back
+    (results): an all-gather's result is the gathered tensor, a reduce-scatter's operand the full one.
+    Async pairs count once, at their `-start` (an all-gather-start's tuple holds operand and result: its
+    result bytes are the second half). Ops are counted where they appear in the text: one inside a while
+    body runs once per iteration but counts once.
+    """
+    shapes: dict[str, str] = {}
+    stats = {kind: CollectiveStats() for kind in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shapes[name] = shape
+        kind = opcode.removesuffix("-start")
+        if kind not in stats or opcode.endswith("-done"):
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        result = shape
+        if opcode in ("all-gather-start", "collective-permute-start"):
+            arrays = _ARRAY.findall(shape)
+            result = " ".join(f"{dt}[{dims}]" for dt, dims in arrays[len(arrays) // 2:])
+        s = stats[kind]
+        s.count += 1
+        s.result_bytes += _shape_bytes(result)
+        s.operand_bytes += sum(_shape_bytes(shapes.get(o, "")) for o in operands)
+    return stats
+
+
+def buffer_assignment_bytes(text: str) -> dict[str, int]:
+    """Per-device bytes of a compiled module from XLA's `*buffer-assignment.txt` dump.
+
+    Returns {"total": "Total bytes used" (every allocation: parameters, outputs, temporaries),
+    "parameter": the entry parameters' allocations (the inputs: weights, optimizer state, batch),
+    "temp": allocations that are neither parameters, outputs, live-out values nor constants (the
+    activations and scratch the step needs on top of its inputs and outputs)}.
+    """
+    total = re.search(r"Total bytes used:\s*(\d+)", text)
+    out = {"total": int(total.group(1)) if total else 0, "parameter": 0, "temp": 0}
+    for m in re.finditer(r"^allocation \d+: size (\d+), ?(.*)$", text, re.MULTILINE):
+        size, tags = int(m.group(1)), m.group(2)
+        if "parameter" in tags:
+            out["parameter"] += size
+        elif not any(t in tags for t in ("output shape", "maybe-live-out", "constant")):
+            out["temp"] += size
+    return out
+
+
+def hlo_dump_flags(dump_dir: str) -> str:
+    """XLA_FLAGS value that makes XLA write every compiled module's optimized HLO and buffer assignment as
+    text under `dump_dir`. XLA reads it once, when the runtime starts: set it in the environment of a new
+    process."""
+    return f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+
+
+@dataclass(frozen=True)
+class DumpedModule:
+    name: str  # e.g. "module_0003.SyncTensorsGraph.1234"
+    hlo_text: str  # optimized (partitioned) HLO
+    buffer_assignment: str
+
+
+def read_hlo_dump(dump_dir: str) -> list[DumpedModule]:
+    """The compiled modules XLA dumped under `dump_dir` (see hlo_dump_flags), in compilation order."""
+    modules = []
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
+        stem = path[: -len(".txt")]
+        name = os.path.basename(stem).rsplit(".", 1)[0]
+        buffers = stem + "-buffer-assignment.txt"
+        with open(path, encoding="utf-8") as f:
+            hlo = f.read()
+        assignment = ""
+        if os.path.exists(buffers):
+            with open(buffers, encoding="utf-8") as f:
+                assignment = f.read()
+        modules.append(DumpedModule(name, hlo, assignment))
+    return modules
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gradient_checkpointing_function() -> Callable[..., Any]:
+    """The function to pass to diffusers' `enable_gradient_checkpointing(gradient_checkpointing_func=...)`.
+
+    diffusers calls it as `func(block, *args)`. torch.utils.checkpoint does not save memory on XLA: the
+    recomputed forward is the same expression as the original one and XLA's common-subexpression pass
+    merges them back. torch_xla's checkpoint puts an optimization barrier on the recomputation's inputs.
+    It is given the block's bound `__call__` because it adds the block's weights to that barrier only
+    when the function is a method of a module. It supports only the re-entrant variant.
+    """
+    from torch_xla.utils.checkpoint import checkpoint
+
+    def checkpoint_block(block: Callable[..., Any], *args: Any) -> Any:
+        fn = block.__call__ if isinstance(block, torch.nn.Module) else block
+        return checkpoint(fn, *args, use_reentrant=True)
+
+    return checkpoint_block
