@@ -205,7 +205,7 @@ def _run(fsdp: int, checkpointing: bool) -> dict:
     """Two fp32 AdamW steps + EMA updates of the tiny UNet on the mesh (4 // fsdp, fsdp); what the tests read."""
     from xla_diffusion import runtime
     from xla_diffusion.ema import EmaWeights
-    from xla_diffusion.train_step import make_optimizer
+    from xla_diffusion.optim import make_optimizer
     from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
 
     rt = runtime.init_runtime(fsdp_size=fsdp)

@@ -60,7 +60,8 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
             # torch's own choice of dtype for `step` (float32 unless the default dtype is float64)
             step = torch.zeros((), dtype=_get_scalar_dtype())
             if group["capturable"]:
-                step = step.to(p.device)
+                # device data, not the graph constant a plain .to() makes of a 0-d zero (runtime.to_device)
+                [step] = runtime.to_device([step], p.device)
             state = {"step": step, "exp_avg": runtime.device_zeros_like(p), "exp_avg_sq": runtime.device_zeros_like(p)}
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = runtime.device_zeros_like(p)
