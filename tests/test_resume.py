@@ -155,8 +155,9 @@ def _img_sigterm_chain(r: Runs) -> dict:
     _wait_for("step 3", lambda: max(_logged_steps(out), default=0) >= 3, p)
     p.send_signal(signal.SIGTERM)
     first = _finish(p)
+    exported = os.path.exists(os.path.join(out, "model_index.json"))  # a preempted run must not export
     second = _finish(r.launch("img_sig", img_args(r, "img_sig"), "2"))
-    return {"first": first, "second": second}
+    return {"first": first, "second": second, "exported_when_preempted": exported}
 
 
 def _lat_kill_chain(r: Runs) -> dict:
@@ -326,7 +327,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly_on_images(runs):
     assert 3 <= step < 12
     assert checkpoint.step_dir(runs.out("img_sig"), step) in lines[0]
     assert "--resume_from_checkpoint latest" in lines[0]
-    assert not os.path.exists(os.path.join(runs.out("img_sig"), "model_index.json"))  # no export when preempted
+    assert not chain["exported_when_preempted"]
     assert "no complete checkpoint under" in first.stderr  # `latest` with nothing yet: a fresh start
     _ok(second)
     assert f"at step {step} in" in second.stderr
@@ -408,5 +409,7 @@ def test_bad_input_is_one_line(runs, case, code, message):
     aiohttp traceback."""
     result = runs.wait("bad_inputs")[case]
     assert "Traceback" not in result.stderr and "aiohttp" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == message.format(root=runs.root), result.stderr[-2000:]
+    # one error line (loader workers may still log a skipped sample around it while the process ends)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [message.format(root=runs.root)], result.stderr[-2000:]
     assert result.returncode == code
