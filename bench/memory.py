@@ -93,8 +93,8 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None) -> list[dict]:
 
     from xla_diffusion import runtime, sharding
     from xla_diffusion.ema import EmaWeights
+    from xla_diffusion.optim import make_optimizer
     from xla_diffusion.tiny import build_unet
-    from xla_diffusion.train_step import make_optimizer
     from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
 
     configs = [(1, False), (4, False)] + ([(1, True), (4, True)] if step else [])
@@ -105,14 +105,11 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None) -> list[dict]:
         torch.manual_seed(0)
         unet = build_unet("tiny")
         if checkpointing:
-            unet.enable_gradient_checkpointing(gradient_checkpointing_func=sharding.gradient_checkpointing_function())
-        unet.to(rt.device)
-        specs = sharding.resolve_specs(unet, sharding.mesh_axis_sizes(rt.mesh))
-        sharding.shard_module(unet, rt.mesh, specs)
+            sharding.enable_gradient_checkpointing(unet)  # what --gradient_checkpointing does
+        specs = sharding.fsdp_shard(unet, rt.mesh)  # what --fsdp_size does
         optimizer = make_optimizer(unet, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         sharding.shard_optimizer_state(optimizer, unet, rt.mesh, specs)
         ema = EmaWeights(list(unet.parameters()), max_decay=0.9999)
-        sharding.shard_like_params(ema.shadow, unet, rt.mesh, specs)
         state = list(unet.parameters()) + ema.shadow + [v for s in optimizer.state.values() for v in s.values()]
         per_device = sharding.per_device_bytes(state)
         row = {"mesh": dict(sharding.mesh_axis_sizes(rt.mesh)), "checkpointing": checkpointing,

@@ -205,21 +205,18 @@ def _run(fsdp: int, checkpointing: bool) -> dict:
     """Two fp32 AdamW steps + EMA updates of the tiny UNet on the mesh (4 // fsdp, fsdp); what the tests read."""
     from xla_diffusion import runtime
     from xla_diffusion.ema import EmaWeights
-    from xla_diffusion.train_step import make_optimizer
+    from xla_diffusion.optim import make_optimizer
     from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
 
     rt = runtime.init_runtime(fsdp_size=fsdp)
     torch.manual_seed(0)
     unet = build_unet("tiny")
     if checkpointing:
-        unet.enable_gradient_checkpointing(gradient_checkpointing_func=sharding.gradient_checkpointing_function())
-    unet.to(rt.device)
-    specs = resolve_specs(unet, sharding.mesh_axis_sizes(rt.mesh))
-    sharding.shard_module(unet, rt.mesh, specs)
+        sharding.enable_gradient_checkpointing(unet)  # what --gradient_checkpointing does
+    specs = sharding.fsdp_shard(unet, rt.mesh)  # what --fsdp_size does
     optimizer = make_optimizer(unet, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
     sharding.shard_optimizer_state(optimizer, unet, rt.mesh, specs)
-    ema = EmaWeights(list(unet.parameters()), max_decay=0.999)  # decay of update u: u / (u + 9)
-    sharding.shard_like_params(ema.shadow, unet, rt.mesh, specs)
+    ema = EmaWeights(list(unet.parameters()), max_decay=0.999)  # shadows sharded like their params; decay u / (u + 9)
     batch = {k: v.to(rt.device) for k, v in _batch().items()}
     for v in batch.values():
         sharding.shard_tensor(v, rt.mesh, (("data", "fsdp"),) + (None,) * (v.ndim - 1))
