@@ -86,7 +86,7 @@ def projected_table(fsdp_sizes: tuple[int, ...] = FSDP_SIZES) -> str:
     return "\n".join(lines)
 
 
-def measure_tiny(step: bool, bf16: bool, dump_dir: str | None) -> list[dict]:
+def measure_tiny(step: bool, bf16: bool, dump_dir: str | None, fsdp_sizes: tuple[int, ...] = (1, 4)) -> list[dict]:
     """(a): build the tiny pipeline's UNet per configuration, shard its state, read the local shards;
     with `step`, run one step and read its compiled module from the dump."""
     import torch
@@ -97,7 +97,7 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None) -> list[dict]:
     from xla_diffusion.tiny import build_unet
     from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
 
-    configs = [(1, False), (4, False)] + ([(1, True), (4, True)] if step else [])
+    configs = [(f, False) for f in fsdp_sizes] + ([(f, True) for f in fsdp_sizes] if step else [])
     rows = []
     seen_modules: set[str] = set()
     for fsdp, checkpointing in configs:
@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--step", action="store_true", help="also compile and run one step per configuration")
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16", help="the step's compute dtype")
     p.add_argument("--skip_tiny", action="store_true", help="only the projected table (no device)")
+    p.add_argument("--fsdp_sizes", default="1,4", help="fsdp sizes of the tiny rows, comma-separated (must include 1)")
     args = p.parse_args()
 
     dump_dir = None
@@ -199,7 +200,8 @@ def main() -> None:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + hlo_dump_flags(dump_dir)).strip()
     print(f"command: python bench/memory.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
     if not args.skip_tiny:
-        rows = measure_tiny(args.step, args.mixed_precision == "bf16", dump_dir)
+        rows = measure_tiny(args.step, args.mixed_precision == "bf16", dump_dir,
+                            tuple(int(f) for f in args.fsdp_sizes.split(",")))
         print()
         print(f"(a) tiny pipeline UNet ({rows[0]['params']:,} parameters) on the 4-device CPU mesh: fp32 parameters, "
               "AdamW moments and steps, EMA shadows; bytes summed from each device's local shards")
