@@ -373,7 +373,9 @@ def place(host: torch.Tensor, device: torch.device, spec: str = "") -> torch.Ten
 def device_zeros_like(tensor: torch.Tensor) -> torch.Tensor:
     """Zeros with `tensor`'s shape, dtype, device and sharding, made by a host-to-device transfer: plain
     device data, so no graph is traced or compiled for it (a `torch.zeros_like` on the device would be a
-    pending op that compiles a graph at the next cut)."""
+    pending op that compiles a graph at the next cut). Off XLA (CPU unit tests) plain zeros."""
+    if tensor.device.type != "xla":
+        return torch.zeros_like(tensor)
     return place(torch.zeros(tensor.shape, dtype=tensor.dtype), tensor.device, sharding_spec_string(tensor))
 
 
