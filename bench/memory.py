@@ -86,18 +86,18 @@ def projected_table(fsdp_sizes: tuple[int, ...] = FSDP_SIZES) -> str:
     return "\n".join(lines)
 
 
-def measure_tiny(step: bool, bf16: bool, dump_dir: str | None) -> list[dict]:
+def measure_tiny(step: bool, bf16: bool, dump_dir: str | None, fsdp_sizes: tuple[int, ...] = (1, 4)) -> list[dict]:
     """(a): build the tiny pipeline's UNet per configuration, shard its state, read the local shards;
     with `step`, run one step and read its compiled module from the dump."""
     import torch
 
     from xla_diffusion import runtime, sharding
     from xla_diffusion.ema import EmaWeights
+    from xla_diffusion.optim import make_optimizer
     from xla_diffusion.tiny import build_unet
-    from xla_diffusion.train_step import make_optimizer
     from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
 
-    configs = [(1, False), (4, False)] + ([(1, True), (4, True)] if step else [])
+    configs = [(f, False) for f in fsdp_sizes] + ([(f, True) for f in fsdp_sizes] if step else [])
     rows = []
     seen_modules: set[str] = set()
     for fsdp, checkpointing in configs:
@@ -105,14 +105,11 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None) -> list[dict]:
         torch.manual_seed(0)
         unet = build_unet("tiny")
         if checkpointing:
-            unet.enable_gradient_checkpointing(gradient_checkpointing_func=sharding.gradient_checkpointing_function())
-        unet.to(rt.device)
-        specs = sharding.resolve_specs(unet, sharding.mesh_axis_sizes(rt.mesh))
-        sharding.shard_module(unet, rt.mesh, specs)
+            sharding.enable_gradient_checkpointing(unet)  # what --gradient_checkpointing does
+        specs = sharding.fsdp_shard(unet, rt.mesh)  # what --fsdp_size does
         optimizer = make_optimizer(unet, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         sharding.shard_optimizer_state(optimizer, unet, rt.mesh, specs)
         ema = EmaWeights(list(unet.parameters()), max_decay=0.9999)
-        sharding.shard_like_params(ema.shadow, unet, rt.mesh, specs)
         state = list(unet.parameters()) + ema.shadow + [v for s in optimizer.state.values() for v in s.values()]
         per_device = sharding.per_device_bytes(state)
         row = {"mesh": dict(sharding.mesh_axis_sizes(rt.mesh)), "checkpointing": checkpointing,
@@ -187,6 +184,7 @@ def main() -> None:
     p.add_argument("--step", action="store_true", help="also compile and run one step per configuration")
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default="bf16", help="the step's compute dtype")
     p.add_argument("--skip_tiny", action="store_true", help="only the projected table (no device)")
+    p.add_argument("--fsdp_sizes", default="1,4", help="fsdp sizes of the tiny rows, comma-separated (must include 1)")
     args = p.parse_args()
 
     dump_dir = None
@@ -202,7 +200,8 @@ def main() -> None:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + hlo_dump_flags(dump_dir)).strip()
     print(f"command: python bench/memory.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
     if not args.skip_tiny:
-        rows = measure_tiny(args.step, args.mixed_precision == "bf16", dump_dir)
+        rows = measure_tiny(args.step, args.mixed_precision == "bf16", dump_dir,
+                            tuple(int(f) for f in args.fsdp_sizes.split(",")))
         print()
         print(f"(a) tiny pipeline UNet ({rows[0]['params']:,} parameters) on the 4-device CPU mesh: fp32 parameters, "
               "AdamW moments and steps, EMA shadows; bytes summed from each device's local shards")

@@ -50,6 +50,8 @@ def test_flash_attention_flags():
         (["--image_interpolation_mode", "sinc"], "invalid choice"),
         (["--loader_prefetch_factor", "0"], "--loader_prefetch_factor must be >= 1"),
         (["--peak_tflops", "0"], "--peak_tflops must be > 0"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+        (["--fsdp_size", "0"], "--fsdp_size must be >= 1"),
     ],
 )
 def test_bad_values_exit_with_one_line(capsys, extra, message):

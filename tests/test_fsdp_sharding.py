@@ -212,14 +212,11 @@ def _run(fsdp: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     unet = build_unet("tiny")
     if checkpointing:
-        unet.enable_gradient_checkpointing(gradient_checkpointing_func=sharding.gradient_checkpointing_function())
-    unet.to(rt.device)
-    specs = resolve_specs(unet, sharding.mesh_axis_sizes(rt.mesh))
-    sharding.shard_module(unet, rt.mesh, specs)
+        sharding.enable_gradient_checkpointing(unet)  # what --gradient_checkpointing does
+    specs = sharding.fsdp_shard(unet, rt.mesh)  # what --fsdp_size does
     optimizer = make_optimizer(unet, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
     sharding.shard_optimizer_state(optimizer, unet, rt.mesh, specs)
-    ema = EmaWeights(list(unet.parameters()), max_decay=0.999)  # decay of update u: u / (u + 9)
-    sharding.shard_like_params(ema.shadow, unet, rt.mesh, specs)
+    ema = EmaWeights(list(unet.parameters()), max_decay=0.999)  # shadows sharded like their params; decay u / (u + 9)
     batch = {k: v.to(rt.device) for k, v in _batch().items()}
     for v in batch.values():
         sharding.shard_tensor(v, rt.mesh, (("data", "fsdp"),) + (None,) * (v.ndim - 1))

@@ -104,7 +104,11 @@ class TrainConfig:
     ema_decay: float = option(0.9999, "Largest EMA decay; the decay warms up as update/(update+9) (diffusers').")
     seed: int = option(0, "Seed for data order, noise, timesteps and augmentation.")
     # parallelism and kernels
-    fsdp_size: int = option(1, "Size of the mesh's 'fsdp' axis; the 'data' axis takes the remaining devices.")
+    fsdp_size: int = option(
+        1, "Size of the mesh's 'fsdp' axis (must divide the device count); the 'data' axis takes the remaining "
+        "devices. Above 1 the UNet's weights, gradients, AdamW moments and EMA shadows are sharded over it "
+        "(FSDP); the batch is split over both axes."
+    )
     enable_flash_attention: bool = option(
         False, "On TPU, attention through torch_xla's Pallas flash-attention kernel (diffusers' XLA processor, "
         "with the batch split over the mesh); elsewhere a warning and the standard attention."
@@ -211,7 +215,8 @@ class TrainConfig:
         "samples // global batch), from the dataset's size (latent shards: their manifest's sample count)."
     )
     scale_lr: bool = option(
-        False, "Multiply --learning_rate by the global batch size (per-host batch x hosts), as diffusers does."
+        False, "Multiply --learning_rate by the global batch size of an update (per-host batch x hosts x "
+        "--gradient_accumulation_steps), as diffusers does."
     )
     # data (diffusers' and the XLA example's)
     image_interpolation_mode: str = option(
@@ -243,9 +248,16 @@ class TrainConfig:
     )
     dream_training: bool = option(False, "Refused (error): DREAM (Zhou et al. 2023) is not implemented here.")
     dream_detail_preservation: float = option(1.0, "DREAM's detail preservation p (only with --dream_training).")
-    # coming with other issues (a value other than the default is refused for now)
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer update (not yet supported: 1).")
-    gradient_checkpointing: bool = option(False, "Recompute UNet activations in the backward (not yet supported).")
+    # memory (diffusers' flags)
+    gradient_accumulation_steps: int = option(
+        1, "Micro-batches of --train_batch_size per optimizer update, accumulated inside the one step graph (an "
+        "unrolled loop): each host reads this times --train_batch_size samples per update. The lr schedule, "
+        "EMA and --max_train_steps count optimizer updates (diffusers')."
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute the UNet blocks' activations in the backward pass instead of keeping them (torch_xla's "
+        "checkpoint, which keeps XLA from merging the recomputation away): less memory, more compute."
+    )
 
     def __post_init__(self) -> None:
         if self.print_loss:
@@ -273,6 +285,7 @@ class TrainConfig:
             (not 0 <= self.ema_decay < 1, "--ema_decay must be in [0, 1)"),
             (not 0 <= self.proportion_empty_prompts < 1, "--proportion_empty_prompts must be in [0, 1)"),
             (self.fsdp_size < 1, "--fsdp_size must be >= 1"),
+            (self.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
             (self.peak_tflops is not None and self.peak_tflops <= 0, "--peak_tflops must be > 0"),
             (self.logging_steps < 1, "--logging_steps must be >= 1"),
             (self.max_compilations < 1, "--max_compilations must be >= 1"),
@@ -325,11 +338,6 @@ class TrainConfig:
             (self.image_interpolation_mode not in INTERPOLATION_MODES,
              f"--image_interpolation_mode must be one of {', '.join(INTERPOLATION_MODES)}"),
             (self.dream_training, "--dream_training: DREAM (Zhou et al. 2023) is not implemented by this trainer"),
-            (self.gradient_accumulation_steps != 1,
-             "--gradient_accumulation_steps is not yet supported (the performance issue adds it): pass 1 or a "
-             "larger --train_batch_size"),
-            (self.gradient_checkpointing,
-             "--gradient_checkpointing is not yet supported (the performance issue adds it)"),
         ])
         resolve_report_to(self.report_to)  # an unknown value or a missing package: one TrackerError line
 

@@ -36,10 +36,11 @@ class EmaWeights:
         self.max_decay = max_decay
         # Built by a host round trip, not `clone()`: on XLA a clone is a pending lazy op that the next graph
         # cut (possibly an evaluation's) would compile as one more graph; transferred tensors are plain
-        # device data, replicated like the parameters (runtime.to_device: as the step leaves them).
+        # device data, each sharded like its parameter (replicated, or split over the fsdp axis under FSDP),
+        # as the step leaves them.
         device = self.params[0].device
         with torch.no_grad():
-            self.shadow = runtime.to_device([p.detach().cpu() for p in self.params], device)
+            self.shadow = [runtime.device_copy(p) for p in self.params]
         [self._decay] = runtime.to_device([torch.zeros((), dtype=torch.float32)], device)
         self.decay = 0.0
 

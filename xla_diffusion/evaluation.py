@@ -53,7 +53,8 @@ def heldout_batches(cfg: TrainConfig, models: Any, rt: runtime.Runtime) -> Fixed
         raise ConfigError("--eval_steps on latent shards needs --eval_data_dir (a held-out latent dataset or "
                           "image folder): the shards cannot hold a fraction out")
     timesteps = fixed_timesteps(models.noise_scheduler.config.num_train_timesteps, cfg.eval_timesteps)
-    data = DataConfig.from_train_config(cfg, frozen_dtype(cfg.mixed_precision)).for_evaluation()
+    data = DataConfig.from_train_config(cfg, frozen_dtype(cfg.mixed_precision)).for_evaluation(
+        cfg.train_batch_size)
     if eval_manifest is not None:
         if eval_manifest.has_text_states is False and models.text_encoder is None:
             raise ConfigError(f"the held-out latents at {cfg.eval_data_dir} hold no text states and the text "

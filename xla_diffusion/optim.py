@@ -44,8 +44,8 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
     checkpoint can be loaded into it in place; parameters that already have state are left alone.
 
     The tensors are what `torch.optim.AdamW` itself would create at its first step (same keys, dtypes,
-    devices; `step` a 0-d float32 tensor on the parameter's device under `capturable`), with each moment
-    sharded like its parameter. They are made by host-to-device transfers, so priming compiles nothing
+    devices; `step` a 0-d float32 tensor on the parameter's device under `capturable`, replicated), with each
+    moment sharded like its parameter (FSDP). They are made by host-to-device transfers, so priming compiles nothing
     and leaves the parameters untouched (torch_xla's `prime_optimizer` runs a zero-gradient step instead:
     one more compiled graph, ~14 s for the tiny UNet on 4 CPU devices).
     """
@@ -60,7 +60,8 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
             # torch's own choice of dtype for `step` (float32 unless the default dtype is float64)
             step = torch.zeros((), dtype=_get_scalar_dtype())
             if group["capturable"]:
-                # device data, not the graph constant a plain .to() makes of a 0-d zero (runtime.to_device)
+                # device data annotated as replicated, as the step leaves it: a `.to(device)` 0.0 would be a
+                # graph constant, and an unannotated input, either making step 1 a graph of its own
                 [step] = runtime.to_device([step], p.device)
             state = {"step": step, "exp_avg": runtime.device_zeros_like(p), "exp_avg_sq": runtime.device_zeros_like(p)}
             if group["amsgrad"]:

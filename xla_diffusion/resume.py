@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 FINGERPRINT_FIELDS = (
     "pretrained_model_name_or_path", "revision", "variant", "dataset_name", "dataset_config_name", "train_data_dir",
     "image_column", "caption_column", "max_train_samples", "eval_heldout_fraction", "resolution", "center_crop",
-    "random_flip", "image_interpolation_mode", "shuffle_buffer_size", "train_batch_size", "prediction_type",
+    "random_flip", "image_interpolation_mode", "shuffle_buffer_size", "train_batch_size",
+    "gradient_accumulation_steps", "prediction_type",
     "snr_gamma", "p2_gamma", "p2_k", "noise_offset", "input_perturbation", "proportion_empty_prompts", "use_ema",
     "seed",
 )

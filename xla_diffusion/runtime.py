@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp")
@@ -42,7 +44,8 @@ class Runtime:
 def init_runtime(fsdp_size: int = 1, compile_cache_dir: str | None = None) -> Runtime:
     """Switch to SPMD and build the named `(data, fsdp)` mesh over every device of every host.
 
-    Raises ValueError when the device count does not split into `fsdp_size`.
+    Raises ConfigError (one line) when the device count does not split into `fsdp_size`; that check comes
+    before any graph runs or any tensor reaches a device.
     """
     import torch_xla
     import torch_xla.distributed.spmd as xs
@@ -54,7 +57,7 @@ def init_runtime(fsdp_size: int = 1, compile_cache_dir: str | None = None) -> Ru
     xr.use_spmd()
     num_devices = xr.global_runtime_device_count()
     if num_devices % fsdp_size:
-        raise ValueError(f"--fsdp_size {fsdp_size} does not divide the {num_devices} devices")
+        raise ConfigError(f"--fsdp_size {fsdp_size} does not divide the {num_devices} devices of the mesh")
     mesh = xs.Mesh(np.arange(num_devices), (num_devices // fsdp_size, fsdp_size), MESH_AXES)
     xs.set_global_mesh(mesh)  # kernels called without a mesh (diffusers' flash attention) shard over this one
     return Runtime(
@@ -374,6 +377,15 @@ def device_zeros_like(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type != "xla":
         return torch.zeros_like(tensor)
     return place(torch.zeros(tensor.shape, dtype=tensor.dtype), tensor.device, sharding_spec_string(tensor))
+
+
+def device_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a device tensor with its sharding, made by a round trip through the host: plain device data
+    (a `clone()` would be a pending op that compiles a graph at the next cut). A sharded tensor is gathered to
+    the host whole for the copy. Off XLA (CPU unit tests) a plain copy."""
+    if tensor.device.type != "xla":
+        return tensor.detach().clone()
+    return place(tensor.detach().cpu(), tensor.device, sharding_spec_string(tensor))
 
 
 def global_device_count() -> int:

@@ -163,6 +163,25 @@ def shard_tensor(tensor: torch.Tensor, mesh: Any, spec: PartitionSpec) -> None:
     xs.mark_sharding(tensor, mesh, tuple(spec))
 
 
+def fsdp_shard(module: torch.nn.Module, mesh: Any, rules: Sequence[Rule] = (),
+               min_shard_numel: int = DEFAULT_MIN_SHARD_NUMEL) -> dict[str, PartitionSpec]:
+    """FSDP as a function applied to a plain module (loaded on the CPU, knowing nothing of meshes): resolve
+    every parameter's spec from the rule table for `mesh` (a bad rule is one ShardingRuleError line, before
+    anything reaches a device), move the module to the mesh's device and annotate its parameters. Returns
+    the specs.
+
+    With an fsdp axis of size 1 every spec is replicated. Gradients follow the parameters through GSPMD's
+    propagation; state made afterwards from the parameters inherits their sharding (AdamW's moments from
+    `optim.prime_optimizer`, EMA shadows from `runtime.device_copy`).
+    """
+    import torch_xla
+
+    specs = resolve_specs(module, mesh_axis_sizes(mesh), rules, min_shard_numel)
+    module.to(torch_xla.device())
+    shard_module(module, mesh, specs)
+    return specs
+
+
 def shard_module(module: torch.nn.Module, mesh: Any, specs: Mapping[str, PartitionSpec]) -> None:
     """Annotate every parameter of `module` (already on the XLA device) with its spec from `specs`
     (resolve_specs on the same module). Gradients follow through GSPMD's propagation."""
@@ -170,52 +189,19 @@ def shard_module(module: torch.nn.Module, mesh: Any, specs: Mapping[str, Partiti
         shard_tensor(param, mesh, specs[name])
 
 
-def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam/AdamW's per-parameter state now, as step 1 would, but as plain device data.
-
-    torch creates the state lazily inside the first `step()`; traced, those zeros become part of step 1's
-    graph, so step 1 compiles a graph of its own and step 2 the steady one. Primed, the state already exists
-    (and can be sharded, or restored into by a checkpoint manager) and step 1 runs the steady graph. The
-    tensors are built on the host and transferred, so priming compiles nothing. The values are exactly
-    torch's lazy initialisation (zeros, step 0).
-    """
-    import torch_xla
-    from torch.optim.optimizer import _get_scalar_dtype
-
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise TypeError(f"prime_optimizer_state knows Adam/AdamW state, not {type(optimizer).__name__}")
-    # torch_xla turns a transferred 0-d tensor holding 0 or 1 into a graph constant ("special scalar"):
-    # the step count would be a constant 0 in step 1's graph and data afterwards, two graphs again.
-    special = torch_xla._XLAC._get_xla_handle_special_scalars()
-    torch_xla._XLAC._set_xla_handle_special_scalars(False)
-    try:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state[p]
-                if state:
-                    continue
-                if group["capturable"] or group["fused"]:
-                    step = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"])).to(p.device)
-                else:
-                    step = torch.tensor(0.0, dtype=_get_scalar_dtype())  # torch keeps this one on the host
-                state["step"] = step
-                keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-                for key in keys:
-                    state[key] = torch.zeros(p.shape, dtype=p.dtype).to(p.device)
-    finally:
-        torch_xla._XLAC._set_xla_handle_special_scalars(special)
-
-
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module, mesh: Any,
                           specs: Mapping[str, PartitionSpec]) -> None:
     """Annotate the optimizer state of `module`'s parameters: tensors shaped like their parameter (AdamW's
     exp_avg, exp_avg_sq) take the parameter's spec; 0-d tensors (`step`) are replicated.
 
-    The state is primed first when it does not exist (prime_optimizer_state). Call this at fsdp=1 too: state
+    The state is primed first when it does not exist (`optim.prime_optimizer`, whose tensors already carry
+    these shardings when the parameters are sharded before it runs: then this only states them). State
     without an annotation goes into step 1's graph unannotated but comes out of it annotated (replicated),
     which makes step 2 a different graph.
     """
-    prime_optimizer_state(optimizer)
+    from .optim import prime_optimizer
+
+    prime_optimizer(optimizer)
     names = {id(p): n for n, p in module.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -225,19 +211,6 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Mod
                 if not isinstance(value, torch.Tensor) or value.device.type != "xla":
                     continue
                 shard_tensor(value, mesh, spec if value.shape == p.shape else replicated_spec(value.ndim))
-
-
-def shard_like_params(tensors: Sequence[torch.Tensor], module: torch.nn.Module, mesh: Any,
-                      specs: Mapping[str, PartitionSpec]) -> None:
-    """Annotate tensors that mirror `module.parameters()` one to one, in order (EMA shadows) with the
-    specs of their parameters."""
-    named = list(module.named_parameters())
-    if len(named) != len(tensors):
-        raise ValueError(f"{len(tensors)} tensors for {len(named)} parameters")
-    for (name, p), t in zip(named, tensors):
-        if t.shape != p.shape:
-            raise ValueError(f"tensor of shape {tuple(t.shape)} for {name} {tuple(p.shape)}")
-        shard_tensor(t, mesh, specs[name])
 
 
 def sharding_string(tensor: torch.Tensor) -> str:
@@ -403,3 +376,10 @@ def gradient_checkpointing_function() -> Callable[..., Any]:
         return checkpoint(fn, *args, use_reentrant=True)
 
     return checkpoint_block
+
+
+def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
+    """--gradient_checkpointing on a plain diffusers model: its blocks recompute their activations in the
+    backward pass, through `gradient_checkpointing_function` (diffusers' own default, torch's checkpoint, is
+    merged away by XLA). Only while gradients are enabled: evaluation and sampling run as before."""
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_function())

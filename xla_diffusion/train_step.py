@@ -1,6 +1,6 @@
-"""One training step, traced into one XLA graph: (encode) → noise → UNet → loss → backward → clip →
-AdamW. No host syncs and no branches on tensor values; the Python branches below depend only on the
-configuration and on which keys the batch carries, which are fixed for a run."""
+"""One training step, traced into one XLA graph: (encode) → noise → UNet → loss → backward (once per
+micro-batch) → clip → AdamW → EMA. No host syncs and no branches on tensor values; the Python branches below
+depend only on the configuration and on which keys the batch carries, which are fixed for a run."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ class StepConfig:
     input_perturbation: float = 0.0
     p2_gamma: float | None = None
     p2_k: float = 1.0
+    # Micro-batches per optimizer update (--gradient_accumulation_steps): the step's batch holds this many.
+    accumulation_steps: int = 1
 
     @classmethod
     def for_models(cls, models: Any, prediction_type: str | None = None, snr_gamma: float | None = None,
@@ -127,6 +129,19 @@ def compute_loss(
                                     cfg.p2_gamma, cfg.p2_k)
 
 
+def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """`n` micro-batches of a batch of n·B rows, each B rows: micro-batch i holds rows i, n + i, 2n + i, ...
+
+    Strided rather than contiguous because the batch is split over the devices in contiguous blocks of rows:
+    when each device's block holds a whole number of n-row groups (B divides over the devices), every
+    micro-batch takes the same number of rows from every block, so it stays split over all devices and the
+    split moves no data between them. (Which rows form a micro-batch does not change the update: each
+    micro-batch's mean loss is weighted 1/n, and the samples carry their own noise and timesteps.)"""
+    if n == 1:
+        return [batch]
+    return [{k: v.unflatten(0, (-1, n))[:, i] for k, v in batch.items()} for i in range(n)]
+
+
 def train_step(
     unet: torch.nn.Module,
     vae: torch.nn.Module | None,
@@ -139,9 +154,20 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, one AdamW update and, with `ema`, the moving-average update, all in one graph.
     Returns device scalars (loss, gradient norm before clipping) that stay lazy until the caller's step
-    closure reads them."""
-    loss = compute_loss(unet, vae, text_encoder, batch, alphas_cumprod, cfg)
-    loss.backward()
+    closure reads them.
+
+    With cfg.accumulation_steps = n > 1 the batch holds n micro-batches (`micro_batches`); each one's loss,
+    divided by n, is back-propagated in turn, so the gradients add up to those of the mean loss over the
+    whole batch, and one update follows. The loop is unrolled into the one graph: a run still compiles one
+    step graph (it grows with n), and no host sync happens between micro-batches. The loss returned is the
+    mean over the micro-batches."""
+    n = cfg.accumulation_steps
+    losses = []
+    for micro in micro_batches(batch, n):
+        loss = compute_loss(unet, vae, text_encoder, micro, alphas_cumprod, cfg)
+        (loss / n if n > 1 else loss).backward()
+        losses.append(loss.detach())
+    loss = losses[0] if n == 1 else torch.stack(losses).mean()
     params = [p for p in unet.parameters() if p.grad is not None]
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

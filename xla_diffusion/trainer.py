@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import hub, runtime
+from . import hub, runtime, sharding
 from .checkpoint import find_resume_checkpoint
 from .config import TrainConfig
 from .data.config import DataConfig
@@ -43,26 +43,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_output_dir(cfg.output_dir)  # checkpoints: bad paths are one line before any device work
     resume_from = find_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
     rt = runtime.init_runtime(cfg.fsdp_size, cfg.compile_cache_dir)
-    global_batch = check_batch_divisible(cfg.train_batch_size, rt)
+    global_batch = check_batch_divisible(cfg.train_batch_size, rt, cfg.gradient_accumulation_steps)
     torch.manual_seed(cfg.seed)
     latents = read_manifest(cfg.train_data_dir) if cfg.dataset_name is None else None
     models = load_training_models(cfg, latents)
     source = training_data(cfg, models, rt, latents)
     cfg = resolve_epochs(cfg, rt, source.num_samples)
     step_cfg = StepConfig.for_models(models, cfg.prediction_type, cfg.snr_gamma, cfg.max_grad_norm,
-                                     bf16=cfg.mixed_precision == "bf16", latents=latents, **objective_options(cfg))
+                                     bf16=cfg.mixed_precision == "bf16", latents=latents,
+                                     accumulation_steps=cfg.gradient_accumulation_steps, **objective_options(cfg))
     repo_id = create_hub_repo(cfg, rt)
     frozen = FrozenParts.place(models, frozen_dtype(cfg.mixed_precision), rt.device)
     if cfg.enable_flash_attention:
         use_flash_attention(models.unet)
-    state = TrainState.create(runtime.place_trained(models.unet, rt.mesh), cfg)  # fp32 master weights on the mesh
+    if cfg.gradient_checkpointing:
+        sharding.enable_gradient_checkpointing(models.unet)
+    # fp32 master weights on the mesh, split over its fsdp axis (replicated at --fsdp_size 1); AdamW's moments
+    # and the EMA shadows are made from them with the same sharding
+    specs = sharding.fsdp_shard(models.unet, rt.mesh)
+    state = TrainState.create(models.unet, cfg)
     utilisation = training_utilisation(cfg, models, source.ndims, latents, global_batch, rt)
     checkpoints = RunCheckpoints(cfg, rt)
     position = checkpoints.begin(resume_from, state)  # None: from the start
     if rt.is_main_process:
-        log.info("mesh %s over %d devices, %d hosts; global batch %d; prediction %s; precision %s",
-                 dict(zip(runtime.MESH_AXES, rt.mesh.mesh_shape)), rt.num_devices, rt.process_count, global_batch,
-                 step_cfg.prediction_type, cfg.mixed_precision)
+        log.info("mesh %s over %d devices, %d hosts; global batch %d (%d micro-batches); %d of %d UNet tensors "
+                 "sharded over fsdp; prediction %s; precision %s", dict(zip(runtime.MESH_AXES, rt.mesh.mesh_shape)),
+                 rt.num_devices, rt.process_count, global_batch, cfg.gradient_accumulation_steps,
+                 sum(sharding.FSDP_AXIS in s for s in specs.values()), len(specs), step_cfg.prediction_type,
+                 cfg.mixed_precision)
     tracker = make_tracker(cfg, rt)
     evaluator = InLoopEvaluator.create(cfg, models, rt, tracker, state.unet, frozen, step_cfg)
     monitor = StepMonitor(global_batch, cfg.max_train_steps, tracker, cfg.max_compilations,
@@ -96,15 +104,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def check_batch_divisible(per_host_batch: int, rt: runtime.Runtime) -> int:
-    """Global batch size; raises ConfigError when it cannot be split evenly over the devices."""
-    global_batch = per_host_batch * rt.process_count
-    if global_batch % rt.num_devices:
+def check_batch_divisible(per_host_batch: int, rt: runtime.Runtime, accumulation_steps: int = 1) -> int:
+    """The global batch of one optimizer update (all hosts' micro-batches of --train_batch_size, times the
+    accumulation steps); raises ConfigError when a global (micro-)batch cannot be split evenly over the devices:
+    each micro-batch is split over all of them."""
+    micro_batch = per_host_batch * rt.process_count
+    if micro_batch % rt.num_devices:
+        what = "micro-batch" if accumulation_steps > 1 else "batch"
         raise ConfigError(
-            f"global batch {global_batch} (--train_batch_size {per_host_batch} x {rt.process_count} hosts) "
+            f"global {what} {micro_batch} (--train_batch_size {per_host_batch} x {rt.process_count} hosts) "
             f"is not divisible by the {rt.num_devices} data-parallel devices of the mesh"
         )
-    return global_batch
+    return micro_batch * accumulation_steps
 
 
 def load_training_models(cfg: TrainConfig, latents: LatentManifest | None) -> Models:
@@ -176,8 +187,9 @@ DEFAULT_VALIDATION_EPOCHS = 5
 def resolve_epochs(cfg: TrainConfig, rt: runtime.Runtime, num_samples: int | None) -> TrainConfig:
     """diffusers' epoch flags as steps, and --scale_lr, once the data's size and the host count are known: the
     run's config from here on. An epoch is `num_samples // global batch` steps (the last partial batch is
-    dropped). The same on every host (`num_samples` counts all hosts' samples), so all stop at the same step."""
-    global_batch = cfg.train_batch_size * rt.process_count
+    dropped). The same on every host (`num_samples` counts all hosts' samples), so all stop at the same step.
+    A step is one optimizer update: with gradient accumulation it reads every micro-batch."""
+    global_batch = cfg.train_batch_size * rt.process_count * cfg.gradient_accumulation_steps
     changes: dict[str, Any] = {}
     wants_validation_epochs = bool(cfg.validation_prompts) and cfg.validation_steps == 0
     if cfg.max_train_steps is None or wants_validation_epochs:
@@ -197,8 +209,8 @@ def resolve_epochs(cfg: TrainConfig, rt: runtime.Runtime, num_samples: int | Non
         if rt.is_main_process:
             log.info("an epoch is %d steps (%d samples, global batch %d): %s", steps_per_epoch, num_samples,
                      global_batch, ", ".join(f"{k} {v}" for k, v in changes.items() if v is not None))
-    if cfg.scale_lr:
-        changes["learning_rate"] = cfg.learning_rate * global_batch * cfg.gradient_accumulation_steps
+    if cfg.scale_lr:  # diffusers': lr x per-device batch x processes x accumulation steps
+        changes["learning_rate"] = cfg.learning_rate * global_batch
         if rt.is_main_process:
             log.info("--scale_lr: learning rate %g x global batch %d = %g", cfg.learning_rate, global_batch,
                      changes["learning_rate"])

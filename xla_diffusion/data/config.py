@@ -15,7 +15,7 @@ class DataConfig:
 
     dataset_name: str | None
     train_data_dir: str | None
-    batch_size: int  # per host
+    batch_size: int  # per host and step: --train_batch_size x --gradient_accumulation_steps when training
     resolution: int
     seed: int = 0
     dataset_config_name: str | None = None
@@ -35,9 +35,11 @@ class DataConfig:
 
     @classmethod
     def from_train_config(cls, cfg: Any, text_dtype: torch.dtype) -> DataConfig:
-        """The data part of a `TrainConfig`."""
+        """The data part of a `TrainConfig`. A host batch feeds one optimizer update: with gradient accumulation
+        it holds every micro-batch (the step splits it)."""
         return cls(
-            dataset_name=cfg.dataset_name, train_data_dir=cfg.train_data_dir, batch_size=cfg.train_batch_size,
+            dataset_name=cfg.dataset_name, train_data_dir=cfg.train_data_dir,
+            batch_size=cfg.train_batch_size * cfg.gradient_accumulation_steps,
             resolution=cfg.resolution, seed=cfg.seed, dataset_config_name=cfg.dataset_config_name,
             cache_dir=cfg.cache_dir, image_column=cfg.image_column, caption_column=cfg.caption_column,
             max_train_samples=cfg.max_train_samples, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
@@ -48,6 +50,7 @@ class DataConfig:
                                                       ("perturbation_draw", cfg.input_perturbation)) if flag),
         )
 
-    def for_evaluation(self) -> DataConfig:
-        """The same data read the way evaluation reads it: center crop, no flip."""
-        return dataclasses.replace(self, center_crop=True, random_flip=False)
+    def for_evaluation(self, batch_size: int | None = None) -> DataConfig:
+        """The same data read the way evaluation reads it: center crop, no flip, and batches of `batch_size`
+        when given (the training micro-batch, not the accumulated batch of an update)."""
+        return dataclasses.replace(self, center_crop=True, random_flip=False, batch_size=batch_size or self.batch_size)
