@@ -81,6 +81,9 @@ def lr_factor_fn(name: str, warmup_steps: int, total_steps: int, peak_lr: float)
     return get_scheduler(name, probe, num_warmup_steps=warmup_steps, num_training_steps=total_steps).lr_lambdas[0]
 
 
+LR_FLOOR = 1e-20  # the smallest lr given to the device optimizer (LrSchedule.set_step says why)
+
+
 class LrSchedule:
     """Learning rate per optimizer step; `set_step(k)` writes it into every param group (the device lr tensor:
     a transfer, never a graph constant) before update k + 1 runs. Its only state is the step it is asked for."""
@@ -93,12 +96,17 @@ class LrSchedule:
         self.lr = self.peak
 
     def set_step(self, step: int) -> float:
-        """Set the lr for 0-based optimizer step `step` in every param group; returns it."""
+        """Set the lr for 0-based optimizer step `step` in every param group; returns it (the schedule's value).
+
+        The device lr is at least LR_FLOOR: capturable AdamW divides by -lr / bias_correction1, so at an lr of
+        exactly 0 (warm-up's first step) a parameter whose gradient is 0 (both moments 0) gets 0 / (0 / -0)
+        = NaN. At 1e-20 the update is 1e-20 x the Adam direction, below fp32 resolution of any weight."""
         self.lr = self.peak * self.factor(step)
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 # from device data: a CPU source would make an lr of 0 (warm-up's first step) a graph constant
-                [lr] = runtime.to_device([torch.tensor(self.lr, dtype=torch.float32)], group["lr"].device)
+                device_lr = torch.tensor(max(self.lr, LR_FLOOR), dtype=torch.float32)
+                [lr] = runtime.to_device([device_lr], group["lr"].device)
                 group["lr"].copy_(lr)
             else:
                 group["lr"] = self.lr
