@@ -70,11 +70,12 @@ EVAL_LOOP_ARGS = [
     "--report_to", "all", "--tracker_project_name", "evalloop-project",
 ]
 
-# The 4-device / 1-device pair trains the clean latents (x0) with min-SNR, offset noise and input perturbation:
+# The 4-device / 1-device pair (and the FSDP runs) train the clean latents (x0) with min-SNR, offset noise, input
+# perturbation and an EMA (exported):
 # the host-drawn offset and perturbation batches must be sharded like the rest for the two meshes to agree.
 FP32_ARGS = [
     "--mixed_precision", "no", "--prediction_type", "sample", "--snr_gamma", "5.0", "--noise_offset", "0.1",
-    "--input_perturbation", "0.1",
+    "--input_perturbation", "0.1", "--use_ema", "--ema_decay", "0.9",
 ]
 
 # The token of the session's loopback hub (tests/hub_server.py); tests grep every output of the bf16 run for it.
@@ -107,6 +108,8 @@ class TrainRuns:
       step, with MFU against a given peak and flash attention asked for, exported and pushed to the session's
       loopback hub (`hub_endpoint`) with TensorBoard and wandb on (compile count, MFU, export, push and token
       tests);
+    - `fsdp_2x2` / `fsdp_1x4`: the fp32 runs' command with --fsdp_size 2 and 4 on the same 4 devices (UNet
+      weights, gradients, AdamW moments and EMA sharded over the `fsdp` axis): the same losses and weights;
     - `bound`: bf16 with --max_compilations 1 in the trainer without optimizer priming
       (tests/unprimed_trainer.py), whose step 2 compiles a second graph: the bound must stop it there;
     - `evalloop`: 4 fp32 steps with an EMA of the weights, the validation loss (a quarter of the data held
@@ -137,6 +140,8 @@ class TrainRuns:
     def start_all(self) -> None:
         self.procs["fp32_4dev"] = start_cli(self.common("fp32_4dev", 3) + FP32_ARGS, self.log("fp32_4dev"), 4)
         self.procs["fp32_1dev"] = start_cli(self.common("fp32_1dev", 3) + FP32_ARGS, self.log("fp32_1dev"), 1)
+        for name, fsdp in (("fsdp_2x2", "2"), ("fsdp_1x4", "4")):
+            self.procs[name] = start_cli(self.common(name, 3) + FP32_ARGS + ["--fsdp_size", fsdp], self.log(name), 4)
         hub_env = {"HF_ENDPOINT": self.hub_endpoint, "HF_HUB_OFFLINE": "0"}  # the loopback hub only
         self.procs["bf16"] = start_cli(self.common("bf16", 10) + BF16_ARGS, self.log("bf16"), 4, env=hub_env)
         self.procs["bound"] = start_cli(

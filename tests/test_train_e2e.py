@@ -51,6 +51,24 @@ def test_four_device_mesh_equals_one_device(train_runs):
     assert _summary(one)["num_devices"] == 1
 
 
+@pytest.mark.parametrize("name, mesh", [("fsdp_2x2", {"data": 2, "fsdp": 2}), ("fsdp_1x4", {"data": 1, "fsdp": 4})])
+def test_fsdp_meshes_equal_data_parallel(train_runs, name, mesh):
+    """The same 3 fp32 steps (EMA on) with the UNet, its gradients, AdamW moments and EMA sharded over the fsdp
+    axis: the losses and the exported (EMA) weights of the data-parallel run, and the export loads."""
+    from diffusers import StableDiffusionPipeline
+
+    dp, sharded = train_runs.succeeded("fp32_4dev"), train_runs.succeeded(name)
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(sharded)], [m["loss"] for m in read_metrics(dp)],
+                               rtol=1e-5)
+    ws, wd = _unet_weights(sharded), _unet_weights(dp)
+    assert ws.keys() == wd.keys()
+    diff = torch.sqrt(sum(((ws[k] - wd[k]) ** 2).sum() for k in ws))
+    assert diff / torch.sqrt(sum((wd[k] ** 2).sum() for k in wd)) <= 1e-5
+    summary = _summary(sharded)
+    assert summary["mesh"] == mesh and summary["compilations"] == 1
+    assert StableDiffusionPipeline.from_pretrained(sharded).unet.config.sample_size == 8
+
+
 def test_bf16_run_compiles_one_graph(train_runs):
     out = train_runs.succeeded("bf16")
     metrics = read_metrics(out)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import fsio
+from . import fsio, runtime
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ def unet_to_cpu(unet: torch.nn.Module) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     cpu = UNet2DConditionModel.from_config(unet.config)
+    if any(p.device.type == "xla" for p in unet.parameters()):
+        # Pending ops on the weights (the EMA swapped in) run as one graph here; otherwise each tensor's copy
+        # to the host would compile and run a graph of its own (70 compilations for a sharded tiny UNet).
+        runtime.sync()
     state = {k: v.detach().to("cpu", torch.float32) for k, v in unet.state_dict().items()}
     cpu.load_state_dict(state)
     return cpu
