@@ -50,6 +50,19 @@ def run_cli(args: list[str], log_prefix: str, num_devices: int = 4, timeout: flo
     return finish(start_cli(args, log_prefix, num_devices), timeout)
 
 
+def checkpoint_tensors(output_dir: str, step: int) -> dict:
+    """Every tensor of the run's checkpoint of `step`, read on the CPU (no process group, no XLA), by flat name
+    (`module.*`, `optimizer.*`, `ema.*`)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from xla_diffusion import checkpoint
+
+    target = os.path.join(output_dir, f"step_{step}.pt")
+    dcp_to_torch_save(checkpoint.step_dir(output_dir, step), target)
+    return checkpoint.flat_tensors(torch.load(target))
+
+
 def read_metrics(output_dir: str) -> list[dict]:
     with open(os.path.join(output_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

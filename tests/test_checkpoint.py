@@ -290,6 +290,31 @@ def test_same_devices_other_mesh_layout_reshards(ref):
     _assert_bitwise(ref.snap4, host_snapshot(model, opt, ema))
 
 
+def test_partly_replicated_tensors_are_saved_and_restore_on_another_layout(ref, tmp_path):
+    """Saved from the (data 2, fsdp 2) mesh, where the split weight and its moments are tiled over fsdp and
+    replicated over data (each tile held twice), then restored on the 4-way layout: every tensor is in the
+    checkpoint and equals A's step 4 bit for bit. (torch_xla hands each tile over once per replica, and torch's
+    planner then dropped the tensor from the checkpoint without an error.)"""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "fsdp"))
+    model, opt, ema = build(SimpleNamespace(device=ref.rt.device, mesh=mesh, num_devices=4), seed=5)
+    prime_optimizer(opt)
+    Checkpointer(ref.out, mesh=mesh).restore(checkpoint.step_dir(ref.out, 4), state(model, opt, ema), FINGERPRINT)
+    out = str(tmp_path / "from_2x2")
+    ckpt = Checkpointer(out, mesh=mesh)
+    ckpt.save(4, state(model, opt, ema), {"global_step": 4}, FINGERPRINT)
+    ckpt.close()
+    marker = fsio.read_json(os.path.join(checkpoint.step_dir(out, 4), "COMPLETE"))
+    assert "last_tile_dim_replicate" in marker["layout"]["shardings"]["module.0.weight"]
+
+    model, opt, ema = build(ref.rt, seed=7)
+    prime_optimizer(opt)
+    Checkpointer(out, mesh=ref.rt.mesh).restore(checkpoint.step_dir(out, 4), state(model, opt, ema), FINGERPRINT)
+    _assert_bitwise(ref.snap4, host_snapshot(model, opt, ema))
+
+
 def test_four_device_checkpoint_restores_on_one_device(ref, tmp_path):
     """A separate process with CPU_NUM_DEVICES=1 restores the 4-device step-4 checkpoint: the shards of the
     split weight are read back into one unsharded tensor; every tensor equals A's bit for bit."""

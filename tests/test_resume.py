@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import finish, read_metrics, start_cli
+from tests.helpers import checkpoint_tensors, finish, read_metrics, start_cli
 from xla_diffusion import checkpoint, fsio
 
 pytestmark = pytest.mark.slow
@@ -282,17 +282,8 @@ def runs(tiny_pipeline, shapes_dir, tmp_path_factory, single_thread_torch) -> Ru
             p.kill()
 
 
-def _tensors(out: str, step: int) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, read on the CPU (no process group, no XLA)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = os.path.join(out, f"step_{step}.pt")
-    dcp_to_torch_save(checkpoint.step_dir(out, step), target)
-    return checkpoint.flat_tensors(torch.load(target))
-
-
 def _assert_bitwise(a: str, b: str, step: int) -> None:
-    ta, tb = _tensors(a, step), _tensors(b, step)
+    ta, tb = checkpoint_tensors(a, step), checkpoint_tensors(b, step)
     assert sorted(ta) == sorted(tb)
     groups = {k.split(".")[0] for k in ta}
     assert groups == {"module", "optimizer", "ema"}
@@ -384,7 +375,7 @@ def test_four_device_checkpoint_resumes_on_one_device(runs):
     assert sorted(got) == [45, 50, 55, 60]
     for step, loss in got.items():
         assert loss == pytest.approx(ref[step], rel=1e-4), step
-    a, b = _tensors(runs.out("lat_ref"), 60), _tensors(runs.out("one_dev"), 60)
+    a, b = checkpoint_tensors(runs.out("lat_ref"), 60), checkpoint_tensors(runs.out("one_dev"), 60)
     num = sum(((a[k] - b[k]).double() ** 2).sum() for k in a if k.startswith("module."))
     den = sum((a[k].double() ** 2).sum() for k in a if k.startswith("module."))
     assert (num / den) ** 0.5 < 1e-4

@@ -454,9 +454,15 @@ class Checkpointer:
             # object store torch would fall back to os.sync(), flushing every disk of the host).
             writer = FsspecWriter(path, sync_files=not fsio.is_remote(path), thread_count=1,
                                   per_thread_copy_ahead=0)
-            dcp.save(host_state_dict, storage_writer=writer, planner=runtime.spmd_save_planner(),
-                     process_group=self.group)
+            metadata = dcp.save(host_state_dict, storage_writer=writer, planner=runtime.spmd_save_planner(),
+                                process_group=self.group)
             timings["shards"] = time.perf_counter() - t0
+            # The planner can leave a tensor out without an error (it did for tiles held by several devices,
+            # see runtime.host_copy_for_checkpoint): a checkpoint that lacks one must never get its marker.
+            missing = sorted(set(layout["shardings"]) - set(metadata.state_dict_metadata))
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise CheckpointError(f"the save of step {step} left out {missing[0]}{more}")
             error = None
             try:
                 fsio.write_bytes_atomic(fsio.join(path, host_state_name(self.process_index)), host_json.encode())

@@ -318,11 +318,29 @@ def host_copy_for_checkpoint(state: dict) -> dict:
     tensors may change freely. Compiles nothing when the tensors are materialised (e.g. after a step)."""
     import torch_xla
     import torch_xla.core.xla_model as xm
-    from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
+    from torch.utils._pytree import tree_map
+    from torch_xla.experimental.distributed_checkpoint._helpers import _CpuShards, _sharded_cpu_state_dict
 
     torch_xla.sync()
     xm.wait_device_ops()
-    return _sharded_cpu_state_dict(state)
+
+    def one_copy_per_tile(x: object) -> object:
+        # A tensor split over some mesh axes and replicated over the others (FSDP on a (data, fsdp) mesh:
+        # '{devices=[2,1,2]0,2,1,3 last_tile_dim_replicate}') comes back with each tile once per replica.
+        # Given two write items for one chunk, torch's checkpoint planner leaves the tensor out of the saved
+        # metadata altogether (torch_xla 2.9): the save "succeeds" without it. Keep one copy of each tile.
+        if not isinstance(x, _CpuShards):
+            return x
+        seen: set[tuple] = set()
+        shards = []
+        for shard in x.shards:
+            key = tuple((i.start, i.stop) for i in shard.indices)
+            if key not in seen:
+                seen.add(key)
+                shards.append(shard)
+        return _CpuShards(shards=shards, global_shape=x.global_shape)
+
+    return tree_map(one_copy_per_tile, _sharded_cpu_state_dict(state))
 
 
 def _op_sharding(spec: str) -> object | None:
