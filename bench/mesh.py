@@ -107,10 +107,10 @@ def _kib(n: float) -> str:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
-    first = rows[0]
+    first = next((r for r in rows if r["fsdp"] == 4), rows[0])
     print(command_line())
     print(f"tiny pipeline UNet ({first['params']:,} parameters, {first['sharded_tensors']} of {first['tensors']} "
-          f"tensors split at fsdp > 1: {first['sharded_numel']:,} elements); latents 4x{args.latent}x{args.latent}, "
+          f"tensors split at fsdp 4: {first['sharded_numel']:,} elements); latents 4x{args.latent}x{args.latent}, "
           f"text 16x32, bf16 autocast, fp32 AdamW + EMA, clipping; 4 CPU devices; step = mean of steps 2..{args.steps};"
           f" bytes per device; load average at the end {os.getloadavg()[0]:.1f}")
     print()
