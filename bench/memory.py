@@ -95,7 +95,7 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None, fsdp_sizes: tuple
     from xla_diffusion.ema import EmaWeights
     from xla_diffusion.optim import make_optimizer
     from xla_diffusion.tiny import build_unet
-    from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
+    from xla_diffusion.xla_ops import xla_friendly_ops
 
     configs = [(f, False) for f in fsdp_sizes] + ([(f, True) for f in fsdp_sizes] if step else [])
     rows = []
@@ -124,7 +124,7 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None, fsdp_sizes: tuple
             for t in batch:
                 sharding.shard_tensor(t, rt.mesh, (("data", "fsdp"),) + (None,) * (t.ndim - 1))
             ema.set_update(2)
-            with torch.autocast("xla", dtype=torch.bfloat16, enabled=bf16), nearest_upsample_as_broadcast():
+            with torch.autocast("xla", dtype=torch.bfloat16, enabled=bf16), xla_friendly_ops():
                 pred = unet(batch[0], batch[1], batch[2], return_dict=False)[0]
             loss = torch.nn.functional.mse_loss(pred.float(), batch[3])
             loss.backward()

@@ -206,7 +206,7 @@ def _run(fsdp: int, checkpointing: bool) -> dict:
     from xla_diffusion import runtime
     from xla_diffusion.ema import EmaWeights
     from xla_diffusion.optim import make_optimizer
-    from xla_diffusion.xla_ops import nearest_upsample_as_broadcast
+    from xla_diffusion.xla_ops import xla_friendly_ops
 
     rt = runtime.init_runtime(fsdp_size=fsdp)
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def _run(fsdp: int, checkpointing: bool) -> dict:
     for update in (EMA_UPDATE, EMA_UPDATE + 1):
         before = runtime.compile_count()
         ema.set_update(update)
-        with nearest_upsample_as_broadcast():
+        with xla_friendly_ops():
             pred = unet(batch["sample"], batch["timestep"], batch["encoder_hidden_states"], return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, batch["target"])
         loss.backward()

@@ -26,7 +26,7 @@ from . import runtime
 from .data.images import tokenize
 from .data.randomness import sample_generator
 from .errors import EvalError, check
-from .xla_ops import nearest_upsample_as_broadcast
+from .xla_ops import xla_friendly_ops
 
 # name → (diffusers class, extra config); each is built from the pipeline's own scheduler config so the
 # training schedule (betas, prediction type, offsets) carries over.
@@ -185,7 +185,7 @@ def sample_batch(
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
         t_batch = place.batch(t.reshape(1).repeat(model_in.shape[0]))
-        with torch.no_grad(), place.autocast(opts.bf16), nearest_upsample_as_broadcast():
+        with torch.no_grad(), place.autocast(opts.bf16), xla_friendly_ops():
             pred = models.unet(model_in, t_batch, hidden, return_dict=False)[0].float()
         if use_cfg:
             pred = guided(*pred.chunk(2), opts.guidance_scale)
@@ -201,7 +201,7 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, place: _Placemen
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     z = latents / scaling + (shift if shift is not None else 0.0)
-    with torch.no_grad(), nearest_upsample_as_broadcast():
+    with torch.no_grad(), xla_friendly_ops():
         image = vae.decode(z.to(_module_dtype(vae)), return_dict=False)[0].float()  # (B, 3, H, W) in [-1, 1]
     image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     if place is not None:

@@ -12,7 +12,7 @@ import torch
 
 from . import objective, runtime
 from .ema import EmaWeights
-from .xla_ops import nearest_upsample_as_broadcast
+from .xla_ops import xla_friendly_ops
 
 
 @dataclass(frozen=True)
@@ -115,16 +115,17 @@ def compute_loss(
     """Scalar diffusion loss for one batch; the UNet runs under bf16 autocast when cfg.bf16 while its
     weights stay fp32. With cfg.noise_offset / cfg.input_perturbation the batch's `offset_draw` /
     `perturbation_draw` shape the noise (objective.training_noise)."""
-    latents = encode_latents(vae, batch, cfg)
-    hidden = encode_text(text_encoder, batch)
-    t = batch["timesteps"]
-    noise, input_noise = objective.training_noise(
-        batch["noise"], batch.get("offset_draw"), cfg.noise_offset, batch.get("perturbation_draw"),
-        cfg.input_perturbation,
-    )
-    noisy = objective.add_noise(latents, input_noise, t, alphas_cumprod)
-    with runtime.autocast(noisy.device, cfg.bf16), nearest_upsample_as_broadcast():
-        pred = unet(noisy, t, hidden, return_dict=False)[0]
+    with xla_friendly_ops():  # the VAE encoder's GroupNorms too
+        latents = encode_latents(vae, batch, cfg)
+        hidden = encode_text(text_encoder, batch)
+        t = batch["timesteps"]
+        noise, input_noise = objective.training_noise(
+            batch["noise"], batch.get("offset_draw"), cfg.noise_offset, batch.get("perturbation_draw"),
+            cfg.input_perturbation,
+        )
+        noisy = objective.add_noise(latents, input_noise, t, alphas_cumprod)
+        with runtime.autocast(noisy.device, cfg.bf16):
+            pred = unet(noisy, t, hidden, return_dict=False)[0]
     return objective.diffusion_loss(pred, latents, noise, t, alphas_cumprod, cfg.prediction_type, cfg.snr_gamma,
                                     cfg.p2_gamma, cfg.p2_k)
 
