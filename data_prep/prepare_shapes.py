@@ -31,16 +31,19 @@ def prepare_shapes_latents(
     batch_size: int = 32,
     seed: int = 0,
     latent_dir: str | None = None,
+    heldout_seed: int = 0,
 ) -> dict[str, Any]:
     """Build (or finish building) the three stages; returns their paths and the encode summary.
-    `latent_dir` (default OUTPUT/latents) may be a gs:// prefix."""
+    `latent_dir` (default OUTPUT/latents) may be a gs:// prefix. `heldout_seed` picks which 9 of the 90
+    caption combinations stay out of training (data_prep.synthetic.heldout_combinations)."""
     from data_prep.encode import EncodeConfig, encode
     from data_prep.shards import imagefolder_to_shards
     from data_prep.synthetic import write_shapes_dataset
 
     train_dir = os.path.join(output_dir, "train")
     if not os.path.exists(os.path.join(train_dir, "metadata.jsonl")):
-        write_shapes_dataset(output_dir, num_images=num_images, resolution=resolution, seed=seed)
+        write_shapes_dataset(output_dir, num_images=num_images, resolution=resolution, seed=seed,
+                             heldout_seed=heldout_seed)
     shard_dir = os.path.join(output_dir, "image_shards")
     if not os.path.isdir(shard_dir) or not any(n.endswith(".tar") for n in os.listdir(shard_dir)):
         imagefolder_to_shards(train_dir, shard_dir, samples_per_shard=samples_per_shard)
@@ -64,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("xla", "cpu"), default="xla")
     p.add_argument("--latent_dir", default=None, help="where the latents go (default OUTPUT/latents; gs:// works)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout_seed", type=int, default=0, help="which caption combinations are held out")
     args = p.parse_args(argv)
     result = prepare_shapes_latents(
         args.output_dir, args.pretrained_model_name_or_path, args.num_images, args.resolution,
-        args.samples_per_shard, args.device, args.batch_size, args.seed, args.latent_dir,
+        args.samples_per_shard, args.device, args.batch_size, args.seed, args.latent_dir, args.heldout_seed,
     )
     print(json.dumps(result, indent=2, sort_keys=True))
 
