@@ -49,3 +49,15 @@ def test_batch_must_divide_over_devices(rt):
     assert check_batch_divisible(8, rt) == 8
     with pytest.raises(ConfigError, match="not divisible by the 4 data-parallel devices"):
         check_batch_divisible(6, rt)
+
+
+def test_frozen_parts_enter_the_first_step_annotated_replicated(rt, tiny_pipeline):
+    """Every weight of the frozen VAE and text encoder carries a replicated annotation before any graph runs.
+    Without it, torch_xla annotates the data at its first dispatch, and ops reading the weights lower with a
+    sharding from step 2 on only: a second step graph (seen with the batch-local norms in bf16)."""
+    models = load_models(tiny_pipeline)
+    for module in (models.vae, models.text_encoder):
+        placed = runtime.place_frozen(module, torch.bfloat16, rt.device)
+        specs = {runtime.sharding_spec_string(p) for p in placed.parameters()}
+        assert specs == {"{replicated}"}, specs
+        assert {p.dtype for p in placed.parameters()} == {torch.bfloat16}

@@ -62,12 +62,10 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         var = (centred * centred).mean(dim=-1, keepdim=True)
         y = (centred * torch.rsqrt(var + eps)).reshape(shape)
         per_channel = (1, shape[1]) + (1,) * (len(shape) - 2)
-        # The affine parameters are read through a view and promoted by the multiply, never cast on their own
-        # (`weight.float()`): see `_affine_view`.
         if weight is not None:
-            y = y * weight.reshape(per_channel)
+            y = y * weight.float().reshape(per_channel)
         if bias is not None:
-            y = y + bias.reshape(per_channel)
+            y = y + bias.float().reshape(per_channel)
     return y.to(out_dtype)
 
 
@@ -91,23 +89,10 @@ def layer_norm(input: torch.Tensor, normalized_shape: list[int] | tuple[int, ...
         var = (centred * centred).mean(dim=dims, keepdim=True)
         y = centred * torch.rsqrt(var + eps)
         if weight is not None:
-            y = y * _affine_view(weight)
+            y = y * weight.float()
         if bias is not None:
-            y = y + _affine_view(bias)
+            y = y + bias.float()
     return y.to(out_dtype)
-
-
-def _affine_view(param: torch.Tensor) -> torch.Tensor:
-    """`param` (normalized_shape) as a (1, *normalized_shape) view, which broadcasts the same way.
-
-    Why a view: a frozen encoder in bf16 has bf16 norm weights, which the fp32 result promotes. Measured on the
-    4-device mesh (the bf16 e2e run's command, HLO dumps of its two step graphs diffed): where the promotion
-    converts the parameter itself, the convert carries `sharding={replicated}` in step 2's lowering but no
-    sharding in step 1's, so step 2 is a new graph and a second compilation (34 such converts: the VAE
-    encoder's GroupNorm and the text encoder's LayerNorm weights). Converting a view of the parameter gives
-    the same HLO at every step, so the run compiles once. Why torch_xla annotates the bare convert only from
-    the second step on was not found."""
-    return param[None]
 
 
 def _promoted(input: torch.Tensor, *others: torch.Tensor | None) -> torch.dtype:
