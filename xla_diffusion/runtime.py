@@ -166,9 +166,16 @@ def place_frozen(module: M | None, dtype: torch.dtype, device: torch.device) -> 
 
         mesh = xs.get_global_mesh()
         if mesh is not None:  # SPMD is on (init_runtime)
-            for param in module.parameters():
-                xs.mark_sharding(param, mesh, (None,) * param.dim())
+            annotate_replicated(module, mesh)
     return module
+
+
+def annotate_replicated(module: torch.nn.Module, mesh: object) -> None:
+    """Annotate every parameter of `module` (on the XLA device) as replicated over `mesh`."""
+    import torch_xla.distributed.spmd as xs
+
+    for p in module.parameters():
+        xs.mark_sharding(p, mesh, (None,) * p.ndim)
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -192,11 +199,9 @@ def place_trained(module: M, mesh: object) -> M:
     step's outputs will be: unannotated parameters make step 1's graph differ from every later one (see
     `to_device`)."""
     import torch_xla
-    import torch_xla.distributed.spmd as xs
 
     module = module.to(torch_xla.device())
-    for p in module.parameters():
-        xs.mark_sharding(p, mesh, (None,) * p.ndim)
+    annotate_replicated(module, mesh)
     return module
 
 
