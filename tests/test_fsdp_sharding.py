@@ -371,6 +371,44 @@ def test_primed_state_makes_step_one_the_steady_graph(runs):
         assert run["compiles"] == [1, 0], name
 
 
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_fsdp_pins_block_outputs_to_the_batch_split_while_training(fsdp):
+    """At fsdp > 1 every resnet, transformer and resampling block's output carries the batch sharding
+    (traced only: nothing compiles); not at fsdp 1, and not under no_grad (sampling, evaluation)."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from xla_diffusion import runtime
+
+    rt = runtime.init_runtime(fsdp_size=fsdp)
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    sharding.fsdp_shard(unet, rt.mesh)
+    seen: list[tuple[str, bool, str]] = []
+
+    def record(module, _inputs, output):  # registered after fsdp_shard's hook, so it sees the pinned output
+        out = output[0] if isinstance(output, tuple) else output
+        seen.append((type(module).__name__, torch.is_grad_enabled(), sharding.sharding_string(out)))
+
+    for m in unet.modules():
+        if isinstance(m, ResnetBlock2D | Transformer2DModel):
+            m.register_forward_hook(record)
+    batch = {k: v.to(rt.device) for k, v in _batch().items()}
+    for v in batch.values():
+        sharding.shard_tensor(v, rt.mesh, (("data", "fsdp"),) + (None,) * (v.ndim - 1))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            unet(batch["sample"], batch["timestep"], batch["encoder_hidden_states"], return_dict=False)
+    assert {name for name, _, _ in seen} == {"ResnetBlock2D", "Transformer2DModel"}
+    pinned = {(grad, spec) for _, grad, spec in seen}
+    batch_split = "{devices=[4,1,1,1]0,1,2,3}"  # (B, C, H, W) split 4 ways on B
+    if fsdp == 1:
+        assert batch_split not in {spec for _, spec in pinned}
+    else:
+        assert {spec for grad, spec in pinned if grad} == {batch_split}
+        assert batch_split not in {spec for grad, spec in pinned if not grad}
+
+
 def test_fsdp4_state_bytes_are_at_most_0_3_of_replicated(runs):
     """Parameters + AdamW moments and steps + EMA shadows, summed from each device's local shards."""
     replicated, sharded = runs["replicated"]["bytes_after"], runs["fsdp4"]["bytes_after"]
