@@ -195,7 +195,8 @@ def _block_types() -> tuple[type, ...]:
 
 def constrain_block_outputs(module: torch.nn.Module, mesh: Any) -> int:
     """Constrain the output of every UNet block (and of `conv_in`) to the batch sharding over all mesh axes,
-    while gradients are on (training; sampling and evaluation are left alone). Returns the blocks hooked.
+    while gradients are on (training; sampling and evaluation are left alone). Returns how many blocks were
+    hooked, `conv_in` aside.
 
     With weights split over `fsdp` and the batch split over (data, fsdp), GSPMD may compute a block with its
     activations re-split along the weights' dimension instead of gathering the weights, which all-gathers
