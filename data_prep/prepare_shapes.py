@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from xla_diffusion.cli import OneLineParser, run_cli
+from xla_diffusion.errors import ConfigError
 
 
 def prepare_shapes_latents(
@@ -41,7 +42,9 @@ def prepare_shapes_latents(
     from data_prep.synthetic import write_shapes_dataset
 
     train_dir = os.path.join(output_dir, "train")
-    if not os.path.exists(os.path.join(train_dir, "metadata.jsonl")):
+    if os.path.exists(os.path.join(train_dir, "metadata.jsonl")):
+        check_heldout_split(output_dir, heldout_seed)
+    else:
         write_shapes_dataset(output_dir, num_images=num_images, resolution=resolution, seed=seed,
                              heldout_seed=heldout_seed)
     shard_dir = os.path.join(output_dir, "image_shards")
@@ -54,6 +57,23 @@ def prepare_shapes_latents(
     ))
     return {"train_dir": train_dir, "image_shards": shard_dir, "latents": latents,
             "heldout_prompts": os.path.join(output_dir, "heldout_prompts.jsonl"), "encode": summary}
+
+
+def check_heldout_split(output_dir: str, heldout_seed: int) -> None:
+    """Raise ConfigError (one line) when the dataset already in `output_dir` holds out other caption
+    combinations than `heldout_seed` picks: its images would include the prompts to be evaluated as unseen."""
+    from data_prep.synthetic import heldout_combinations
+
+    path = os.path.join(output_dir, "heldout_prompts.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            held = {(r["fg"], r["shape"], r["bg"]) for r in map(json.loads, f)}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{output_dir} has a train/ folder but no readable {path} ({type(e).__name__}); "
+                          "use a new --output_dir") from None
+    if held != set(heldout_combinations(heldout_seed)):
+        raise ConfigError(f"{output_dir} holds the shapes data of another held-out split than "
+                          f"--heldout_seed {heldout_seed}; use a new --output_dir for this split")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,3 +131,28 @@ def test_imagefolder_loads(dataset_dir: Path, tmp_path: Path) -> None:
     assert len(ds) == NUM_IMAGES
     assert ds[0]["image"].size == (32, 32)
     assert ds[0]["text"].startswith("a ")
+
+
+def test_prepare_shapes_refuses_a_folder_of_another_heldout_split(dataset_dir: Path, tmp_path: Path) -> None:
+    """The demo's data stage reuses a finished train/ folder; one built for another held-out split would put
+    the prompts evaluated as unseen into training, so it is one error line, before any model is loaded."""
+    import subprocess
+    import sys
+
+    from data_prep.prepare_shapes import check_heldout_split
+    from xla_diffusion.errors import ConfigError
+
+    check_heldout_split(str(dataset_dir), 0)  # the split it was built with
+    with pytest.raises(ConfigError, match="another held-out split than --heldout_seed 1"):
+        check_heldout_split(str(dataset_dir), 1)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ConfigError, match="no readable"):
+        check_heldout_split(str(tmp_path), 0)
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "data_prep.prepare_shapes", "--output_dir", str(dataset_dir),
+                        "--pretrained_model_name_or_path", str(tmp_path / "no-such-pipeline"), "--heldout_seed", "2"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "another held-out split than --heldout_seed 2" in r.stderr and "Traceback" not in r.stderr
