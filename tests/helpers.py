@@ -127,7 +127,9 @@ class TrainRuns:
       (tests/unprimed_trainer.py), whose step 2 compiles a second graph: the bound must stop it there;
     - `evalloop`: 4 fp32 steps with an EMA of the weights, the validation loss (a quarter of the data held
       out) and validation samples (3 prompts: a padded batch) every 2 steps, reported to TensorBoard and wandb
-      (in-loop evaluation, tracker and model card tests).
+      (in-loop evaluation, tracker and model card tests);
+    - `evalloop_replay`: `evalloop` without trackers and with --replay_step_graph (steps 1-2 traced and
+      recorded, 3-4 replayed, an evaluation between them): the same losses, evaluations and weights.
     """
 
     pipeline: str
@@ -162,6 +164,10 @@ class TrainRuns:
             script=UNPRIMED_SCRIPT,
         )
         self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS, self.log("evalloop"), 4)
+        # the same run with the step graph replayed from step 3, across the evaluations (trackers off)
+        replay_args = EVAL_LOOP_ARGS[:EVAL_LOOP_ARGS.index("--report_to")] + ["--replay_step_graph"]
+        self.procs["evalloop_replay"] = start_cli(self.common("evalloop_replay", 4) + replay_args,
+                                                  self.log("evalloop_replay"), 4)
 
     def result(self, name: str) -> Finished:
         if name not in self.results:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers import VALIDATION_PROMPTS, read_metrics
 from xla_diffusion.config import ConfigError, parse_args
@@ -179,3 +180,23 @@ def test_heldout_latent_dataset_is_read_in_order_and_scored(tiny_pipeline, shape
         loss = compute_loss(models.unet.eval(), None, None, batch, models.noise_scheduler.alphas_cumprod.float(),
                             step_cfg)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_replayed_step_graph_trains_and_evaluates_as_the_traced_one(train_runs):
+    """--replay_step_graph: steps 3 and 4 run the graph recorded at steps 1-2 without tracing it, with the EMA
+    swapped in and out for the evaluation at step 2 in between; losses, evaluations and exported weights equal
+    the traced run's exactly, with the same single step compilation."""
+    from safetensors.torch import load_file
+
+    traced, replayed = train_runs.succeeded("evalloop"), train_runs.succeeded("evalloop_replay")
+    a, b = read_metrics(traced), read_metrics(replayed)
+    assert [r["loss"] for r in b if "loss" in r] == [r["loss"] for r in a if "loss" in r]
+    assert [r["eval_loss"] for r in b if "eval_loss" in r] == [r["eval_loss"] for r in a if "eval_loss" in r]
+    wa, wb = (load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")) for d in (traced, replayed))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with open(os.path.join(replayed, "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["replayed_steps"] == 2 and summary["replay_refused"] is None
+    assert summary["compilations"] == 1
+    assert "replaying it from step 3" in train_runs.result("evalloop_replay").stderr

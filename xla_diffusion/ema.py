@@ -44,11 +44,17 @@ class EmaWeights:
         [self._decay] = runtime.to_device([torch.zeros((), dtype=torch.float32)], device)
         self.decay = 0.0
 
+    @property
+    def decay_tensor(self) -> torch.Tensor:
+        """The 0-d device tensor the traced update reads its decay from."""
+        return self._decay
+
     def set_update(self, update: int) -> float:
         """Set the decay for optimizer update number `update` (1-based) before the step runs; returns it."""
         self.decay = ema_decay(update, self.max_decay)
         # from device data: a CPU source would make the first update's decay, 0, a graph constant
-        self._decay.copy_(runtime.to_device([torch.tensor(self.decay, dtype=torch.float32)], self._decay.device)[0])
+        # the transferred buffer itself (see optim.LrSchedule.set_step: a copy_ would be graph work)
+        self._decay.data = runtime.to_device([torch.tensor(self.decay, dtype=torch.float32)], self._decay.device)[0]
         return self.decay
 
     @torch.no_grad()

@@ -107,7 +107,9 @@ class LrSchedule:
                 # from device data: a CPU source would make an lr of 0 (warm-up's first step) a graph constant
                 device_lr = torch.tensor(max(self.lr, LR_FLOOR), dtype=torch.float32)
                 [lr] = runtime.to_device([device_lr], group["lr"].device)
-                group["lr"].copy_(lr)
+                # the new buffer itself, not a copy_ into the old one: a copy into a replicated-annotated
+                # tensor is a (custom-sharding) op, graph work every step; this is plain device data
+                group["lr"].data = lr
             else:
                 group["lr"] = self.lr
         return self.lr

@@ -44,6 +44,23 @@ class TrainState:
             self.ema.set_update(self.step + 1)
         return lr
 
+    def step_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a training step updates in place, in a fixed order: the UNet's parameters, AdamW's
+        per-parameter tensors (by key), the EMA shadows (what `replay.StepReplay` hands the step as its state)."""
+        params = list(self.unet.parameters())
+        out = list(params)
+        for p in params:
+            st = self.optimizer.state.get(p, {})
+            out += [st[k] for k in sorted(st) if isinstance(st[k], torch.Tensor)]
+        if self.ema is not None:
+            out += self.ema.shadow
+        return out
+
+    def step_scalars(self) -> list[torch.Tensor]:
+        """The 0-d device tensors `begin_step` fills for each step: every param group's lr, the EMA decay."""
+        lrs = [g["lr"] for g in self.optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
+        return lrs + ([self.ema.decay_tensor] if self.ema is not None else [])
+
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
         """Within the block the UNet holds the weights to evaluate and export: the EMA when there is one."""

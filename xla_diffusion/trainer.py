@@ -26,6 +26,7 @@ from .evaluation import InLoopEvaluator
 from .export import export_pipeline
 from .models import Models, frozen_dtype, load_models
 from .monitor import StepMonitor
+from .replay import StepReplay
 from .resume import RunCheckpoints, check_output_dir
 from .state import TrainState
 from .tracking import make_trackers, public_config
@@ -80,8 +81,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = iter(runtime.device_loader(feed, feed.ndims, rt.mesh, cfg.loader_prefetch_size,
                                         cfg.device_prefetch_size))
     checkpoints.preemption.install()
+    replay = StepReplay(cfg.replay_step_graph)
     try:
-        preempted = run_loop(cfg, state, frozen, step_cfg, loader, monitor, evaluator, feed, checkpoints)
+        preempted = run_loop(cfg, state, frozen, step_cfg, loader, monitor, evaluator, feed, checkpoints, replay)
         checkpoints.close()  # the last save is durable before the export
     finally:
         monitor.close()
@@ -91,7 +93,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tracker.close()
         return {"preempted": True, "steps": state.step}
     summary = {**run_summary(cfg, rt, state, step_cfg, models, monitor, evaluator, latents),
-               "data_skipped": dict(feed.position["skipped"]), **checkpoints.summary()}
+               "data_skipped": dict(feed.position["skipped"]), **checkpoints.summary(),
+               "replayed_steps": replay.replayed_steps, "replay_refused": replay.refused}
     tracker.close()
     if rt.is_main_process:
         log.info("done: %d steps, %.3f s/step after warm-up, %.1f images/s, %d XLA compilations",
@@ -260,18 +263,26 @@ def publish(cfg: TrainConfig, summary: dict[str, Any], evaluator: InLoopEvaluato
 
 
 def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg: StepConfig, loader: Any,
-             monitor: StepMonitor, evaluator: InLoopEvaluator | None, feed: DataFeed, checkpoints: RunCheckpoints
-             ) -> bool:
+             monitor: StepMonitor, evaluator: InLoopEvaluator | None, feed: DataFeed, checkpoints: RunCheckpoints,
+             replay: StepReplay | None = None) -> bool:
     """Steps `state.step + 1 .. --max_train_steps`: one compiled graph each, metrics through step closures,
-    checkpoints when due, evaluation between steps on the averaged weights. Returns True when a preemption
-    notice stopped it (after checkpointing)."""
+    checkpoints when due, evaluation between steps on the averaged weights. With an enabled `replay`, the step
+    is traced until it has been recorded, then its graph is replayed. Returns True when a preemption notice
+    stopped it (after checkpointing)."""
+    replay = replay if replay is not None else StepReplay(enabled=False)
     profiler = runtime.Profiler(cfg.profile_dir, cfg.profile_start_step, cfg.profile_duration)
     for step in range(state.step + 1, cfg.max_train_steps + 1):
         profiler.maybe_start(step)
         batch = feed.take(loader)
         lr = state.begin_step()
-        loss, grad_norm = train_step(state.unet, frozen.vae, frozen.text_encoder, state.optimizer, batch,
-                                     frozen.alphas_cumprod, step_cfg, state.ema)
+        replaying = replay.replaying
+        loss, grad_norm = replay(
+            lambda: train_step(state.unet, frozen.vae, frozen.text_encoder, state.optimizer, batch,  # noqa: B023
+                               frozen.alphas_cumprod, step_cfg, state.ema),
+            state.step_tensors(), [batch[k] for k in sorted(batch)] + state.step_scalars(),
+        )
+        if replay.replaying and not replaying:
+            log.info("replay_step_graph: the step graph is recorded; replaying it from step %d", step + 1)
         state.step = step
         if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
             skipped = {"data_skipped": dict(feed.position["skipped"])} if feed.position["skipped"] else {}

@@ -62,10 +62,12 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         var = (centred * centred).mean(dim=-1, keepdim=True)
         y = (centred * torch.rsqrt(var + eps)).reshape(shape)
         per_channel = (1, shape[1]) + (1,) * (len(shape) - 2)
+        # reshaped copies, not views: a view makes torch_xla track the parameter as a view base, which a
+        # replayed step (replay.py) cannot update in place
         if weight is not None:
-            y = y * weight.float().reshape(per_channel)
+            y = y * weight.to(torch.float32, copy=True).reshape(per_channel)
         if bias is not None:
-            y = y + bias.float().reshape(per_channel)
+            y = y + bias.to(torch.float32, copy=True).reshape(per_channel)
     return y.to(out_dtype)
 
 

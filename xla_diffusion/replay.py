@@ -1,0 +1,201 @@
+"""Run the training step's compiled graph again without tracing it again (`--replay_step_graph`).
+
+torch_xla's lazy tensors record every op of a step in Python each step, then hash the recorded graph to find
+its compiled executable. For the tiny UNet's step that recording costs ~0.1-0.3 s of host CPU per step on
+this machine, most of it in the per-tensor AdamW and EMA updates, and it is the same every step.
+`StepReplay` records the step, compiles it once, and from then on hands the executable the step's new inputs
+directly (`torch_xla._XLAC._run_cached_graph`, the entry point torch_xla's dynamo bridge uses for the same
+purpose), then points the state tensors at the outputs. It runs the graph the lazy path compiles: the same
+ops and shardings, with the updated state's input buffers donated to the outputs, as the lazy path's graph
+cut donates them.
+
+What may change between steps is exactly what the caller declares: the `state` tensors the step updates in
+place (parameters, optimizer moments and step counts, EMA shadows) and the read-only `inputs` (the batch and
+the device lr / EMA-decay scalars). Everything else the graph reads (frozen weights, constants, scalars torch_xla
+turned into device data) is fixed at the first recording. To check that nothing else varies, the step is
+recorded twice; replay starts only when both recordings give the same graph reading the same fixed buffers.
+Otherwise, or when the graph draws device random numbers, the step stays lazily traced for the rest of the
+run, with one warning line saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RECORDINGS = 2  # steps recorded, and compared, before replay starts
+
+
+class NotReplayable(Exception):
+    """The step cannot be replayed safely; the message says why."""
+
+
+def _xlac():  # noqa: ANN202 - torch_xla's C extension module
+    import torch_xla
+
+    return torch_xla._XLAC
+
+
+def _buffer_handle(t: torch.Tensor) -> int:
+    """Handle of the device buffer a graph reading `t` takes as its input (for a tensor whose value is a
+    pending reference to another buffer, that buffer)."""
+    X = _xlac()
+    _, values = X._get_tensors_xla_device_data_node([t])
+    if len(values) != 1:
+        raise NotReplayable("an input of the step holds a pending computation")
+    return X._get_tensors_handle(values)[0]
+
+
+@dataclass
+class _Recording:
+    graph_hash: bytes
+    # per graph parameter, in the graph's order: ("state", i), ("input", j) or ("const", tensor)
+    sources: list[tuple[str, object]]
+    const_handles: list[int]
+    signature: list[tuple]  # shape, dtype and sharding of each input, checked before every replay
+
+
+class StepReplay:
+    """`replay(fn, state, inputs)` returns what `fn()` returns (a list of tensors), computed through the
+    recorded graph once the step has been recorded.
+
+    - `fn()` traces one step: it updates `state` in place and reads the step's changing values only through
+      `state` and `inputs`.
+    - `state`: the tensors the step updates in place, the same tensors in the same order on every call.
+    - `inputs`: the tensors holding this step's read-only values (batch, device scalars), with the same shapes,
+      dtypes and shardings on every call.
+
+    With `enabled=False` it only calls `fn()`. The caller still cuts the graph after each step
+    (`runtime.sync`): that runs its step closures, and launches the traced step while not replaying.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.recording: _Recording | None = None
+        self.recordings = 0
+        self.replayed_steps = 0
+        self.refused: str | None = None
+        self._is_param: list[bool] = []
+
+    @property
+    def replaying(self) -> bool:
+        return self.enabled and self.refused is None and self.recordings >= RECORDINGS
+
+    def __call__(self, fn: Callable[[], Sequence[torch.Tensor]], state: Sequence[torch.Tensor],
+                 inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.enabled or self.refused is not None:
+            return list(fn())
+        if self.replaying:
+            return self._replay(list(state), list(inputs))
+        return self._record(fn, list(state), list(inputs))
+
+    def _refuse(self, reason: str) -> None:
+        self.refused = reason
+        log.warning("replay_step_graph: the step is traced every step instead: %s", reason)
+
+    @staticmethod
+    def _signature(inputs: list[torch.Tensor]) -> list[tuple]:
+        X = _xlac()
+        return [(tuple(t.shape), t.dtype, X._get_xla_sharding_spec(t)) for t in inputs]
+
+    def _record(self, fn: Callable[[], Sequence[torch.Tensor]], state: list[torch.Tensor],
+                inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Trace `fn()`; compile its graph, rooted at `state` + outputs with the state's buffers donated, and run
+        it through the cache. Whatever makes replay unsafe leaves the traced step to the caller's graph cut."""
+        import torch_xla.core.xla_model as xm
+        from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
+
+        X = _xlac()
+        outputs: list[torch.Tensor] | None = None
+        try:
+            self._materialise(state + inputs)
+            xm.wait_device_ops()  # no buffer is in flight: their handles are read below
+            keys: dict[int, tuple[str, int]] = {}
+            for i, t in enumerate(state + inputs):
+                source = ("state", i) if i < len(state) else ("input", i - len(state))
+                handle = _buffer_handle(t)
+                if handle in keys and source[0] == "state":
+                    raise NotReplayable("two tensors the step updates share one device buffer")
+                keys.setdefault(handle, source)
+            outputs = list(fn())
+            roots = state + outputs
+            ids, values = X._get_tensors_xla_device_data_node(roots)
+            seed = X._get_seed_info_id()
+            if seed in ids:
+                raise NotReplayable("the step draws random numbers on the device")
+            handles = X._get_tensors_handle(values)
+            sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
+            const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
+            rec = _Recording(b"", sources, const_handles, self._signature(inputs))
+            first = self.recording
+            if first is not None and ([k for k, _ in first.sources] != [k for k, _ in sources]
+                                      or first.const_handles != const_handles):
+                raise NotReplayable("a value the step reads changed between steps without being a declared input")
+        except NotReplayable as e:
+            self._refuse(str(e))
+            return outputs if outputs is not None else list(fn())
+        for (kind, _), value in zip(sources, values):
+            if kind == "state":
+                X._set_buffer_donation(value, True)
+        with alias_with_buffer_donor_config():
+            rec.graph_hash = X._get_graph_hash(roots)
+            X._xla_warm_up_cache(roots, [])
+        if first is not None and rec.graph_hash != first.graph_hash:
+            self._refuse("two recordings of the step gave different graphs")
+        if first is None:
+            self.recording = rec
+            self._is_param = [isinstance(t, torch.nn.Parameter) for t in state]
+        self.recordings += 1
+        results = X._run_cached_graph(rec.graph_hash, list(values))
+        self._adopt(roots, results)
+        # Drop what else the trace left pending (what the step made that no root needs): a later graph cut
+        # would compute it from the buffers just donated. It also turns tensors that reference a buffer
+        # through a pending node (a `.data` swap) into plain buffer handles.
+        X._clear_pending_irs(str(state[0].device))
+        return outputs
+
+    def _adopt(self, roots: list[torch.Tensor], results: list[torch.Tensor]) -> None:
+        """Point each root at its result. A Parameter by `.data =`: torch_xla's `_replace_xla_tensor` (set_,
+        several times cheaper, used for the rest) leaves what a Parameter's `detach()` reads at the old value."""
+        X = _xlac()
+        is_param = self._is_param
+        for i, (t, r) in enumerate(zip(roots, results)):
+            if is_param[i] if i < len(is_param) else isinstance(t, torch.nn.Parameter):
+                t.data = r
+            else:
+                X._replace_xla_tensor(t, r)
+
+    @staticmethod
+    def _materialise(tensors: list[torch.Tensor]) -> None:
+        X = _xlac()
+        pending = [t for t, need in zip(tensors, X._check_tensor_need_materialization(tensors)) if need]
+        if pending:
+            X._xla_sync_multi(pending, devices=[], wait=False, sync_xla_data=True)
+
+    def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        X = _xlac()
+        rec = self.recording
+        if len(state) != len(self._is_param) or self._signature(inputs) != rec.signature:
+            raise RuntimeError("replay_step_graph: the step's inputs changed number, shape, dtype or sharding")
+        # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
+        self._materialise(state + inputs)
+        args = []
+        for kind, ref in rec.sources:
+            if kind == "state":
+                t = state[ref]
+                X._set_buffer_donation(t, True)
+            elif kind == "input":
+                t = inputs[ref]
+            else:
+                t = ref
+            args.append(t)
+        results = X._run_cached_graph(rec.graph_hash, args)
+        n = len(state)
+        self._adopt(state, results[:n])
+        self.replayed_steps += 1
+        return list(results[n:])
