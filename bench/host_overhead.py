@@ -6,7 +6,9 @@ worker process on a `--devices` CPU mesh, with timers wrapped around the loop's 
 - loader wait: `next()` on the device loader (MpDeviceLoader: host batches and their transfer come from
   background threads; this is how long the loop waits for them);
 - lr/EMA copies: `TrainState.begin_step` (the lr and EMA-decay device scalars filled from the host);
-- trace: the Python `train_step` call, in which lazy tensors record the whole step's graph;
+- trace or replay: the step call (`replay.StepReplay`): in trace mode lazy tensors record the whole step's
+  graph (the Python `train_step`); in replay mode (`--step_graph replay`, the default) the recorded graph is
+  handed the new batch;
 - graph cut + dispatch: `runtime.sync()`, which hashes the recorded graph, finds it compiled and launches it;
 - closures: the step closure (metrics to the tracker and progress bar) on logging steps;
 - monitor: `StepMonitor.after_step` (progress bar, compile count);
@@ -19,6 +21,7 @@ a TPU the host's work for step n+1 overlaps step n's execution; here it is measu
 = wall time - device wait. torch_xla's ExecuteReplicatedTime metric is printed beside the measured wait.
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
+        [--modes trace replay]
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 
-PHASES = ("loader wait", "lr/EMA copies", "trace", "graph cut + dispatch", "closures", "monitor", "other")
+PHASES = ("loader wait", "lr/EMA copies", "trace or replay", "graph cut + dispatch", "closures", "monitor", "other")
+MODES = {"trace": "traced every step", "replay": "replayed (the default)"}
 UNETS = {"tiny": "tiny (test kit: 2 levels, 1 attention level)",
          "sd2-base/8": "SD2-base structure, widths / 8"}
 
@@ -85,6 +89,7 @@ def worker(args: argparse.Namespace) -> dict:
     from xla_diffusion import runtime, trainer
     from xla_diffusion.config import parse_args
     from xla_diffusion.monitor import StepMonitor
+    from xla_diffusion.replay import StepReplay
     from xla_diffusion.state import TrainState
 
     timers = Timers(args.warmup + 1)
@@ -130,7 +135,7 @@ def worker(args: argparse.Namespace) -> dict:
         wait_for_device()
 
     runtime.add_step_closure, runtime.sync = timed_closure, sync_then_wait
-    trainer.train_step = timers.wrap("trace", trainer.train_step)
+    StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
     StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)
     cfg = parse_args([
@@ -138,6 +143,7 @@ def worker(args: argparse.Namespace) -> dict:
         "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--mixed_precision", "bf16",
         "--use_ema", "--logging_steps", str(args.logging_steps), "--timing_warmup_steps", str(args.warmup),
         "--output_dir", args.out,
+        "--step_graph", args.mode,
     ])
     summary = trainer.train(cfg)
     # train() ends with an export; the loop's wall time is taken up to the monitor's last timing instead
@@ -149,7 +155,7 @@ def worker(args: argparse.Namespace) -> dict:
     phases["other"] = wall / steps - device - sum(phases.values())
     return {"phases": phases, "cpu": {k: v / steps for k, v in timers.cpu.items()}, "device_s": device,
             "execute_metric_s": execute / steps, "wall_s": wall / steps, "steps": steps,
-            "compilations": summary["compilations"]}
+            "compilations": summary["compilations"], "replayed_steps": summary["replayed_steps"]}
 
 
 def main() -> None:
@@ -160,7 +166,9 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -174,12 +182,15 @@ def main() -> None:
     results = {}
     for unet in args.unets:
         pipe = pipeline if unet == "tiny" else narrow_unet_pipeline(pipeline, os.path.join(work, "pipeline-sd2"))
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--pipeline", pipe, "--data", latents,
-               "--out", os.path.join(work, f"out-{unet.replace('/', '-')}")] + sys.argv[1:]
-        r = subprocess.run(cmd, env=cpu_env(args.devices), cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
-        results[unet] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"  {unet}: host {1e3 * (results[unet]['wall_s'] - results[unet]['device_s']):.1f} ms/step",
-              file=sys.stderr, flush=True)
+        for mode in args.modes:
+            out = os.path.join(work, f"out-{unet.replace('/', '-')}-{mode}")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--pipeline", pipe,
+                   "--data", latents, "--out", out] + sys.argv[1:]
+            r = subprocess.run(cmd, env=cpu_env(args.devices), cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               check=True)
+            res = results[unet, mode] = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"  {unet}, {mode}: host {1e3 * (res['wall_s'] - res['device_s']):.1f} ms/step",
+                  file=sys.stderr, flush=True)
     print(command_line())
     print(f"latent shards (tiny VAE, 64 px -> 4x16x16 latents, text states 16x32), global batch {args.batch}, bf16, "
           f"--use_ema, logging every {args.logging_steps} steps, {args.devices} CPU devices; mean over steps "
@@ -188,22 +199,22 @@ def main() -> None:
     print()
     print("Wall ms per step (host total = wall - device wait):")
     print()
-    print("| UNet | " + " | ".join(PHASES) + " | host total | device wait | ExecuteReplicatedTime "
-          "| step compilations |")
-    print("| --- |" + " ---: |" * (len(PHASES) + 4))
-    for unet, res in results.items():
+    print("| UNet | step | " + " | ".join(PHASES) + " | host total | device wait | ExecuteReplicatedTime "
+          "| step compilations | replayed steps |")
+    print("| --- | --- |" + " ---: |" * (len(PHASES) + 5))
+    for (unet, mode), res in results.items():
         host = res["wall_s"] - res["device_s"]
         cells = " | ".join(f"{1e3 * res['phases'].get(ph, 0.0):.2f}" for ph in PHASES)
-        print(f"| {UNETS[unet]} | {cells} | **{1e3 * host:.1f}** | {1e3 * res['device_s']:.1f} "
-              f"| {1e3 * res['execute_metric_s']:.1f} | {res['compilations']} |")
+        print(f"| {UNETS[unet]} | {MODES[mode]} | {cells} | **{1e3 * host:.1f}** | {1e3 * res['device_s']:.1f} "
+              f"| {1e3 * res['execute_metric_s']:.1f} | {res['compilations']} | {res['replayed_steps']} |")
     print()
     print("Main-thread CPU ms per step (not inflated by other processes; 'other' has no CPU timer):")
     print()
-    print("| UNet | " + " | ".join(PHASES[:-1]) + " | host total |")
-    print("| --- |" + " ---: |" * len(PHASES))
-    for unet, res in results.items():
+    print("| UNet | step | " + " | ".join(PHASES[:-1]) + " | host total |")
+    print("| --- | --- |" + " ---: |" * len(PHASES))
+    for (unet, mode), res in results.items():
         cells = " | ".join(f"{1e3 * res['cpu'].get(ph, 0.0):.2f}" for ph in PHASES[:-1])
-        print(f"| {UNETS[unet]} | {cells} | **{1e3 * sum(res['cpu'].values()):.1f}** |")
+        print(f"| {UNETS[unet]} | {MODES[mode]} | {cells} | **{1e3 * sum(res['cpu'].values()):.1f}** |")
 
 
 if __name__ == "__main__":

@@ -128,8 +128,9 @@ class TrainRuns:
     - `evalloop`: 4 fp32 steps with an EMA of the weights, the validation loss (a quarter of the data held
       out) and validation samples (3 prompts: a padded batch) every 2 steps, reported to TensorBoard and wandb
       (in-loop evaluation, tracker and model card tests);
-    - `evalloop_replay`: `evalloop` without trackers and with --replay_step_graph (steps 1-2 traced and
-      recorded, 3-4 replayed, an evaluation between them): the same losses, evaluations and weights.
+    - `evalloop_traced`: `evalloop` without trackers and with --step_graph trace (every step traced, while the
+      other runs record steps 1-2 and replay the rest, here across the evaluation at step 2): the same losses,
+      evaluations and weights.
     """
 
     pipeline: str
@@ -164,10 +165,10 @@ class TrainRuns:
             script=UNPRIMED_SCRIPT,
         )
         self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS, self.log("evalloop"), 4)
-        # the same run with the step graph replayed from step 3, across the evaluations (trackers off)
-        replay_args = EVAL_LOOP_ARGS[:EVAL_LOOP_ARGS.index("--report_to")] + ["--replay_step_graph"]
-        self.procs["evalloop_replay"] = start_cli(self.common("evalloop_replay", 4) + replay_args,
-                                                  self.log("evalloop_replay"), 4)
+        # the same run with the step traced every step (trackers off)
+        traced_args = EVAL_LOOP_ARGS[:EVAL_LOOP_ARGS.index("--report_to")] + ["--step_graph", "trace"]
+        self.procs["evalloop_traced"] = start_cli(self.common("evalloop_traced", 4) + traced_args,
+                                                  self.log("evalloop_traced"), 4)
 
     def result(self, name: str) -> Finished:
         if name not in self.results:

@@ -184,12 +184,12 @@ def test_heldout_latent_dataset_is_read_in_order_and_scored(tiny_pipeline, shape
 
 @pytest.mark.slow
 def test_replayed_step_graph_trains_and_evaluates_as_the_traced_one(train_runs):
-    """--replay_step_graph: steps 3 and 4 run the graph recorded at steps 1-2 without tracing it, with the EMA
-    swapped in and out for the evaluation at step 2 in between; losses, evaluations and exported weights equal
-    the traced run's exactly, with the same single step compilation."""
+    """--step_graph replay (the default): steps 3 and 4 run the graph recorded at steps 1-2 without tracing it,
+    with the EMA swapped in and out for the evaluation at step 2 in between; losses, evaluations and exported
+    weights equal those of the run traced every step exactly, with the same single step compilation."""
     from safetensors.torch import load_file
 
-    traced, replayed = train_runs.succeeded("evalloop"), train_runs.succeeded("evalloop_replay")
+    traced, replayed = train_runs.succeeded("evalloop_traced"), train_runs.succeeded("evalloop")
     a, b = read_metrics(traced), read_metrics(replayed)
     assert [r["loss"] for r in b if "loss" in r] == [r["loss"] for r in a if "loss" in r]
     assert [r["eval_loss"] for r in b if "eval_loss" in r] == [r["eval_loss"] for r in a if "eval_loss" in r]
@@ -199,4 +199,6 @@ def test_replayed_step_graph_trains_and_evaluates_as_the_traced_one(train_runs):
         summary = json.load(f)
     assert summary["replayed_steps"] == 2 and summary["replay_refused"] is None
     assert summary["compilations"] == 1
-    assert "replaying it from step 3" in train_runs.result("evalloop_replay").stderr
+    assert "replaying it from step 3" in train_runs.result("evalloop").stderr
+    with open(os.path.join(traced, "train_summary.json")) as f:
+        assert json.load(f)["replayed_steps"] == 0

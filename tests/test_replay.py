@@ -1,6 +1,7 @@
-"""--replay_step_graph on the 4-device mesh: a replayed step is the traced step (same losses, weights, AdamW
-state and EMA, bit for bit, with the lr and EMA decay changing every step), it compiles nothing more, and a
-step that reads a changing value it was not given falls back to tracing instead of replaying a stale one."""
+"""--step_graph replay (replay.StepReplay) on the 4-device mesh: a replayed step is the traced step (same
+losses, weights, AdamW state and EMA, bit for bit, with the lr and EMA decay changing every step), it compiles
+nothing more, and a step that reads a changing value it was not given falls back to tracing instead of
+replaying a stale one."""
 
 from __future__ import annotations
 
@@ -41,12 +42,15 @@ def _state(rt):  # noqa: ANN001, ANN202
     return TrainState.create(net, cfg)
 
 
-def _run(rt, enabled: bool, undeclared: bool = False):  # noqa: ANN001, ANN202
-    """STEPS optimizer steps through StepReplay; returns (losses, final state on the host, replay, compilations)."""
+def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True):  # noqa: ANN001, ANN202
+    """STEPS optimizer steps through StepReplay; returns (losses, final state on the host, replay, compilations).
+    `primed=False` leaves AdamW's state to be created inside the first step."""
     from xla_diffusion import runtime
     from xla_diffusion.replay import StepReplay
 
     st = _state(rt)
+    if not primed:
+        st.optimizer.state.clear()
     replay = StepReplay(enabled)
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -102,8 +106,21 @@ def test_an_undeclared_changing_value_falls_back_to_tracing(rt, caplog):
     assert replay.replayed_steps == 0
     assert replay.refused == "a value the step reads changed between steps without being a declared input"
     assert [r.getMessage() for r in caplog.records] == [
-        f"replay_step_graph: the step is traced every step instead: {replay.refused}"]
+        f"--step_graph replay: the step is traced every step instead: {replay.refused}"]
     # the steps still ran, each with its own value
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
+
+
+def test_state_made_inside_the_step_falls_back_to_tracing(rt, caplog):
+    """Unprimed AdamW creates its moments inside step 1, outside the state the step was given: replaying that
+    graph would never update them, so the step is traced instead (and the results are the traced run's)."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False, primed=False)
+    with caplog.at_level(logging.WARNING, logger="xla_diffusion.replay"):
+        losses, state, replay, _ = _run(rt, enabled=True, primed=False)
+    assert replay.replayed_steps == 0 and replay.recordings == 0
+    assert replay.refused == "the step leaves results outside the tensors it was given as its state"
     assert losses == traced_losses
     for a, b in zip(state, traced):
         assert torch.equal(a, b)

@@ -54,6 +54,16 @@ def test_patch_is_scoped_and_only_takes_integer_nearest():
     assert F.interpolate is original
 
 
+def _norm_and_grads(fn, dev, x, arg, weight, bias, upstream) -> list[torch.Tensor]:  # noqa: ANN001
+    """On the CPU: y = fn(x, arg, weight, bias, 1e-5) computed on `dev`, then the gradients of (y * upstream).sum()
+    with respect to x and, when given, weight and bias."""
+    inputs = [t.to(dev).requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    w, b = (inputs[1], inputs[2]) if weight is not None else (None, None)
+    y = fn(inputs[0], arg, w, b, 1e-5)
+    grads = torch.autograd.grad((y * upstream.to(dev)).sum(), inputs)
+    return [t.detach().cpu() for t in (y, *grads)]
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (3, 6, 10)])
 def test_group_norm_on_xla_matches_torch_forward_and_backward(affine, shape):
@@ -65,15 +75,8 @@ def test_group_norm_on_xla_matches_torch_forward_and_backward(affine, shape):
     upstream = torch.randn(shape, generator=g)
     groups = 2 if shape[1] == 6 else 4
 
-    def run(fn, dev):
-        inputs = [t.to(dev).requires_grad_(True) for t in (x, weight, bias) if t is not None]
-        w, b = (inputs[1], inputs[2]) if affine else (None, None)
-        y = fn(inputs[0], groups, w, b, 1e-5)
-        grads = torch.autograd.grad((y * upstream.to(dev)).sum(), inputs)
-        return [t.detach().cpu() for t in (y, *grads)]
-
-    ref = run(F.group_norm, "cpu")
-    ours = run(group_norm, device)
+    ref = _norm_and_grads(F.group_norm, "cpu", x, groups, weight, bias, upstream)
+    ours = _norm_and_grads(group_norm, device, x, groups, weight, bias, upstream)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(ref[1:], ours[1:]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -89,14 +92,8 @@ def test_layer_norm_on_xla_matches_torch_forward_and_backward(affine, shape, nor
     bias = torch.randn(normalized, generator=g) if affine else None
     upstream = torch.randn(shape, generator=g)
 
-    def run(fn, dev):
-        inputs = [t.to(dev).requires_grad_(True) for t in (x, weight, bias) if t is not None]
-        w, b = (inputs[1], inputs[2]) if affine else (None, None)
-        y = fn(inputs[0], normalized, w, b, 1e-5)
-        grads = torch.autograd.grad((y * upstream.to(dev)).sum(), inputs)
-        return [t.detach().cpu() for t in (y, *grads)]
-
-    ref, ours = run(F.layer_norm, "cpu"), run(layer_norm, device)
+    ref = _norm_and_grads(F.layer_norm, "cpu", x, normalized, weight, bias, upstream)
+    ours = _norm_and_grads(layer_norm, device, x, normalized, weight, bias, upstream)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(ref[1:], ours[1:]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from .tracking import resolve_report_to
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names (objective.PREDICTION_TYPES)
 MIXED_PRECISION = ("no", "bf16")
 MIXED_PRECISION_FLAGS = ("no", "fp16", "bf16")  # diffusers' choices: fp16 is refused with a reason
+STEP_GRAPHS = ("replay", "trace")  # --step_graph (replay.StepReplay)
 # torchvision's InterpolationMode names, the choices of diffusers' --image_interpolation_mode
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # sampling.SCHEDULERS' names
@@ -116,10 +117,11 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = option(
         False, "diffusers' flag name, accepted for users' commands: the same as --enable_flash_attention."
     )
-    replay_step_graph: bool = option(
-        False, "Trace the training step twice, then run its compiled graph on each new batch without tracing "
-        "it again (the same graph and results; host time per step ~10x lower). Falls back to tracing, with a "
-        "warning, when the step reads a changing value it was not given as an input."
+    step_graph: str = option(
+        "replay", "replay: trace the training step at steps 1 and 2, then run its compiled graph on each new batch "
+        "without tracing it again (the same graph and results, ~10x less host CPU per step; it falls back to "
+        "tracing, with a warning, if the two recordings differ). trace: torch_xla's lazy tracing every step.",
+        choices=STEP_GRAPHS,
     )
     peak_tflops: float | None = option(
         None, "Peak bf16 TFLOP/s of one chip, against which MFU (model FLOPs utilisation) is logged; default: "

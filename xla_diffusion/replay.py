@@ -1,4 +1,4 @@
-"""Run the training step's compiled graph again without tracing it again (`--replay_step_graph`).
+"""Run the training step's compiled graph again without tracing it again (`--step_graph replay`, the default).
 
 torch_xla's lazy tensors record every op of a step in Python each step, then hash the recorded graph to find
 its compiled executable. For the tiny UNet's step that recording costs ~0.1-0.3 s of host CPU per step on
@@ -96,7 +96,7 @@ class StepReplay:
 
     def _refuse(self, reason: str) -> None:
         self.refused = reason
-        log.warning("replay_step_graph: the step is traced every step instead: %s", reason)
+        log.warning("--step_graph replay: the step is traced every step instead: %s", reason)
 
     @staticmethod
     def _signature(inputs: list[torch.Tensor]) -> list[tuple]:
@@ -124,6 +124,11 @@ class StepReplay:
                 keys.setdefault(handle, source)
             outputs = list(fn())
             roots = state + outputs
+            # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
+            # first step, say) would not be updated by a replay; and it is dropped below
+            live = X._check_device_tensor_need_materialization(str(state[0].device))
+            if sum(live) > sum(X._check_tensor_need_materialization(roots)):
+                raise NotReplayable("the step leaves results outside the tensors it was given as its state")
             ids, values = X._get_tensors_xla_device_data_node(roots)
             seed = X._get_seed_info_id()
             if seed in ids:
@@ -153,9 +158,8 @@ class StepReplay:
         self.recordings += 1
         results = X._run_cached_graph(rec.graph_hash, list(values))
         self._adopt(roots, results)
-        # Drop what else the trace left pending (what the step made that no root needs): a later graph cut
-        # would compute it from the buffers just donated. It also turns tensors that reference a buffer
-        # through a pending node (a `.data` swap) into plain buffer handles.
+        # Turn tensors that reference a buffer through a pending device-data node into plain buffer handles
+        # (nothing else is pending: checked above).
         X._clear_pending_irs(str(state[0].device))
         return outputs
 
@@ -181,7 +185,7 @@ class StepReplay:
         X = _xlac()
         rec = self.recording
         if len(state) != len(self._is_param) or self._signature(inputs) != rec.signature:
-            raise RuntimeError("replay_step_graph: the step's inputs changed number, shape, dtype or sharding")
+            raise RuntimeError("--step_graph replay: the step's inputs changed number, shape, dtype or sharding")
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
         self._materialise(state + inputs)
         args = []

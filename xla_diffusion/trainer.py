@@ -81,7 +81,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = iter(runtime.device_loader(feed, feed.ndims, rt.mesh, cfg.loader_prefetch_size,
                                         cfg.device_prefetch_size))
     checkpoints.preemption.install()
-    replay = StepReplay(cfg.replay_step_graph)
+    replay = StepReplay(cfg.step_graph == "replay")
     try:
         preempted = run_loop(cfg, state, frozen, step_cfg, loader, monitor, evaluator, feed, checkpoints, replay)
         checkpoints.close()  # the last save is durable before the export
@@ -282,7 +282,7 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
             state.step_tensors(), [batch[k] for k in sorted(batch)] + state.step_scalars(),
         )
         if replay.replaying and not replaying:
-            log.info("replay_step_graph: the step graph is recorded; replaying it from step %d", step + 1)
+            log.info("--step_graph replay: the step graph is recorded; replaying it from step %d", step + 1)
         state.step = step
         if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
             skipped = {"data_skipped": dict(feed.position["skipped"])} if feed.position["skipped"] else {}
