@@ -91,7 +91,11 @@ class StepReplay:
         if not self.enabled or self.refused is not None:
             return list(fn())
         if self.replaying:
-            return self._replay(list(state), list(inputs))
+            state, inputs = list(state), list(inputs)
+            if len(state) == len(self._is_param) and self._signature(inputs) == self.recording.signature:
+                return self._replay(state, inputs)
+            self._refuse("the step's state or inputs changed number, shape, dtype or sharding")
+            return list(fn())
         return self._record(fn, list(state), list(inputs))
 
     def _refuse(self, reason: str) -> None:
@@ -125,7 +129,7 @@ class StepReplay:
             outputs = list(fn())
             roots = state + outputs
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
-            # first step, say) would not be updated by a replay; and it is dropped below
+            # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it)
             live = X._check_device_tensor_need_materialization(str(state[0].device))
             if sum(live) > sum(X._check_tensor_need_materialization(roots)):
                 raise NotReplayable("the step leaves results outside the tensors it was given as its state")
@@ -184,8 +188,6 @@ class StepReplay:
     def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         X = _xlac()
         rec = self.recording
-        if len(state) != len(self._is_param) or self._signature(inputs) != rec.signature:
-            raise RuntimeError("--step_graph replay: the step's inputs changed number, shape, dtype or sharding")
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
         self._materialise(state + inputs)
         args = []
