@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import runtime
+
 log = logging.getLogger(__name__)
 
 RECORDINGS = 2  # steps recorded, and compared, before replay starts
@@ -35,20 +37,13 @@ class NotReplayable(Exception):
     """The step cannot be replayed safely; the message says why."""
 
 
-def _xlac():  # noqa: ANN202 - torch_xla's C extension module
-    import torch_xla
-
-    return torch_xla._XLAC
-
-
 def _buffer_handle(t: torch.Tensor) -> int:
     """Handle of the device buffer a graph reading `t` takes as its input (for a tensor whose value is a
     pending reference to another buffer, that buffer)."""
-    X = _xlac()
-    _, values = X._get_tensors_xla_device_data_node([t])
+    _, values = runtime.graph_inputs([t])
     if len(values) != 1:
         raise NotReplayable("an input of the step holds a pending computation")
-    return X._get_tensors_handle(values)[0]
+    return runtime.buffer_handles(values)[0]
 
 
 @dataclass
@@ -104,21 +99,16 @@ class StepReplay:
 
     @staticmethod
     def _signature(inputs: list[torch.Tensor]) -> list[tuple]:
-        X = _xlac()
-        return [(tuple(t.shape), t.dtype, X._get_xla_sharding_spec(t)) for t in inputs]
+        return [(tuple(t.shape), t.dtype, runtime.sharding_spec_string(t)) for t in inputs]
 
     def _record(self, fn: Callable[[], Sequence[torch.Tensor]], state: list[torch.Tensor],
                 inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Trace `fn()`; compile its graph, rooted at `state` + outputs with the state's buffers donated, and run
         it through the cache. Whatever makes replay unsafe leaves the traced step to the caller's graph cut."""
-        import torch_xla.core.xla_model as xm
-        from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
-
-        X = _xlac()
         outputs: list[torch.Tensor] | None = None
         try:
-            self._materialise(state + inputs)
-            xm.wait_device_ops()  # no buffer is in flight: their handles are read below
+            runtime.materialise(state + inputs)
+            runtime.wait_device_ops()  # no buffer is in flight: their handles are read below
             keys: dict[int, tuple[str, int]] = {}
             for i, t in enumerate(state + inputs):
                 source = ("state", i) if i < len(state) else ("input", i - len(state))
@@ -130,14 +120,12 @@ class StepReplay:
             roots = state + outputs
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
             # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it)
-            live = X._check_device_tensor_need_materialization(str(state[0].device))
-            if sum(live) > sum(X._check_tensor_need_materialization(roots)):
+            if runtime.pending_count(device=state[0].device) > runtime.pending_count(roots):
                 raise NotReplayable("the step leaves results outside the tensors it was given as its state")
-            ids, values = X._get_tensors_xla_device_data_node(roots)
-            seed = X._get_seed_info_id()
-            if seed in ids:
+            ids, values = runtime.graph_inputs(roots)
+            if runtime.device_seed_id() in ids:
                 raise NotReplayable("the step draws random numbers on the device")
-            handles = X._get_tensors_handle(values)
+            handles = runtime.buffer_handles(values)
             sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
             const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
             rec = _Recording(b"", sources, const_handles, self._signature(inputs))
@@ -150,57 +138,46 @@ class StepReplay:
             return outputs if outputs is not None else list(fn())
         for (kind, _), value in zip(sources, values):
             if kind == "state":
-                X._set_buffer_donation(value, True)
-        with alias_with_buffer_donor_config():
-            rec.graph_hash = X._get_graph_hash(roots)
-            X._xla_warm_up_cache(roots, [])
+                runtime.donate(value)
+        rec.graph_hash = runtime.compile_graph(roots)
         if first is not None and rec.graph_hash != first.graph_hash:
             self._refuse("two recordings of the step gave different graphs")
         if first is None:
             self.recording = rec
             self._is_param = [isinstance(t, torch.nn.Parameter) for t in state]
         self.recordings += 1
-        results = X._run_cached_graph(rec.graph_hash, list(values))
+        results = runtime.run_compiled(rec.graph_hash, values)
         self._adopt(roots, results)
         # Turn tensors that reference a buffer through a pending device-data node into plain buffer handles
         # (nothing else is pending: checked above).
-        X._clear_pending_irs(str(state[0].device))
+        runtime.drop_pending(state[0].device)
         return outputs
 
     def _adopt(self, roots: list[torch.Tensor], results: list[torch.Tensor]) -> None:
         """Point each root at its result. A Parameter by `.data =`: torch_xla's `_replace_xla_tensor` (set_,
         several times cheaper, used for the rest) leaves what a Parameter's `detach()` reads at the old value."""
-        X = _xlac()
         is_param = self._is_param
         for i, (t, r) in enumerate(zip(roots, results)):
             if is_param[i] if i < len(is_param) else isinstance(t, torch.nn.Parameter):
                 t.data = r
             else:
-                X._replace_xla_tensor(t, r)
-
-    @staticmethod
-    def _materialise(tensors: list[torch.Tensor]) -> None:
-        X = _xlac()
-        pending = [t for t, need in zip(tensors, X._check_tensor_need_materialization(tensors)) if need]
-        if pending:
-            X._xla_sync_multi(pending, devices=[], wait=False, sync_xla_data=True)
+                runtime.repoint(t, r)
 
     def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        X = _xlac()
         rec = self.recording
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
-        self._materialise(state + inputs)
+        runtime.materialise(state + inputs)
         args = []
         for kind, ref in rec.sources:
             if kind == "state":
                 t = state[ref]
-                X._set_buffer_donation(t, True)
+                runtime.donate(t)
             elif kind == "input":
                 t = inputs[ref]
             else:
                 t = ref
             args.append(t)
-        results = X._run_cached_graph(rec.graph_hash, args)
+        results = runtime.run_compiled(rec.graph_hash, args)
         n = len(state)
         self._adopt(state, results[:n])
         self.replayed_steps += 1
