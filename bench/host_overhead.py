@@ -8,17 +8,18 @@ worker process on a `--devices` CPU mesh, with timers wrapped around the loop's 
 - lr/EMA copies: `TrainState.begin_step` (the lr and EMA-decay device scalars filled from the host);
 - trace or replay: the step call (`replay.StepReplay`): in trace mode lazy tensors record the whole step's
   graph (the Python `train_step`); in replay mode (`--step_graph replay`, the default) the recorded graph is
-  handed the new batch;
+  handed the new batch and launched, and the state is pointed at its outputs;
 - graph cut + dispatch: `runtime.sync()`, which hashes the recorded graph, finds it compiled and launches it;
 - closures: the step closure (metrics to the tracker and progress bar) on logging steps;
 - monitor: `StepMonitor.after_step` (progress bar, compile count);
 - other: the rest of the loop's wall time (its Python, the profiler and evaluation checks).
 
-Device time is taken out by measurement, not by assumption: after each graph cut the worker waits for the
-devices (`wait_device_ops`, and inside the closure wrapper before the closure reads its tensors) and counts
-that wait as device time, so host and device never overlap and every host phase runs with idle devices. On
-a TPU the host's work for step n+1 overlaps step n's execution; here it is measured on its own. Host time
-= wall time - device wait. torch_xla's ExecuteReplicatedTime metric is printed beside the measured wait.
+Device time is taken out by measurement, not by assumption: after each graph launch (a replayed step's inside
+the step call, a traced step's at the graph cut) the worker waits for the devices (`wait_device_ops`, and inside the
+closure wrapper before the closure reads its tensors) and counts that wait as device time, so host and device
+never overlap and every host phase runs with idle devices. On a TPU the host's work for step n+1 overlaps step
+n's execution; here it is measured on its own. Host time = wall time - device wait. torch_xla's
+ExecuteReplicatedTime metric is printed beside the measured wait.
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
         [--modes trace replay]
@@ -74,14 +75,15 @@ class Timers:
         return self.step >= self.start_step
 
     def wrap(self, phase: str, fn):
+        """`fn` timed as `phase`, less the device waits inside it."""
         def timed(*a, **kw):
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0, d0, dc0 = time.perf_counter(), time.thread_time(), self.device, self.device_cpu
             try:
                 return fn(*a, **kw)
             finally:
                 if self.on:
-                    self.total[phase] += time.perf_counter() - t0
-                    self.cpu[phase] += time.thread_time() - c0
+                    self.total[phase] += time.perf_counter() - t0 - (self.device - d0)
+                    self.cpu[phase] += time.thread_time() - c0 - (self.device_cpu - dc0)
         return timed
 
 
@@ -135,6 +137,16 @@ def worker(args: argparse.Namespace) -> dict:
         wait_for_device()
 
     runtime.add_step_closure, runtime.sync = timed_closure, sync_then_wait
+    run_compiled = runtime.run_compiled
+
+    def run_then_wait(*a):
+        out = run_compiled(*a)
+        # a replayed step launches its graph here: waiting for it is device time, and the host work after the
+        # launch (pointing the state at the outputs) then runs with idle devices, as a traced step's does
+        wait_for_device()
+        return out
+
+    runtime.run_compiled = run_then_wait
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
     StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)

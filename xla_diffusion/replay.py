@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,26 @@ class _Recording:
     sources: list[tuple[str, object]]
     const_handles: list[int]
     signature: list[tuple]  # shape, dtype and sharding of each input, checked before every replay
+    n_state: int
+    n_inputs: int
+    # where each graph parameter comes from in `state + inputs + consts`, worked out once (this is per-tensor host
+    # work on every replayed step)
+    index: list[int] = field(default_factory=list)
+    consts: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        offset = {"state": 0, "input": self.n_state}
+        for kind, ref in self.sources:
+            if kind == "const":
+                self.index.append(self.n_state + self.n_inputs + len(self.consts))
+                self.consts.append(ref)
+            else:
+                self.index.append(offset[kind] + ref)
+
+    def arguments(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The graph's parameters, in order, for this step's `state` and `inputs`."""
+        pool = state + inputs + self.consts
+        return [pool[i] for i in self.index]
 
 
 class StepReplay:
@@ -128,7 +148,7 @@ class StepReplay:
             handles = runtime.buffer_handles(values)
             sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
             const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
-            rec = _Recording(b"", sources, const_handles, self._signature(inputs))
+            rec = _Recording(b"", sources, const_handles, self._signature(inputs), len(state), len(inputs))
             first = self.recording
             if first is not None and ([k for k, _ in first.sources] != [k for k, _ in sources]
                                       or first.const_handles != const_handles):
@@ -157,27 +177,23 @@ class StepReplay:
         """Point each root at its result. A Parameter by `.data =`: torch_xla's `_replace_xla_tensor` (set_,
         several times cheaper, used for the rest) leaves what a Parameter's `detach()` reads at the old value."""
         is_param = self._is_param
+        others: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         for i, (t, r) in enumerate(zip(roots, results)):
             if is_param[i] if i < len(is_param) else isinstance(t, torch.nn.Parameter):
                 t.data = r
             else:
-                runtime.repoint(t, r)
+                others.append(t)
+                values.append(r)
+        runtime.repoint_all(others, values)
 
     def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         rec = self.recording
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
         runtime.materialise(state + inputs)
-        args = []
-        for kind, ref in rec.sources:
-            if kind == "state":
-                t = state[ref]
-                runtime.donate(t)
-            elif kind == "input":
-                t = inputs[ref]
-            else:
-                t = ref
-            args.append(t)
-        results = runtime.run_compiled(rec.graph_hash, args)
+        # No donation flags here: they only shape the compiled graph (its input/output aliasing, set when it was
+        # recorded); PJRT donates the aliased state buffers on every run of that executable, flagged or not.
+        results = runtime.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
         n = len(state)
         self._adopt(state, results[:n])
         self.replayed_steps += 1

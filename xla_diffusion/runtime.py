@@ -576,11 +576,14 @@ def run_compiled(graph_hash: bytes, args: list[torch.Tensor]) -> list[torch.Tens
     return list(torch_xla._XLAC._run_cached_graph(graph_hash, args))
 
 
-def repoint(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Make `tensor` hold `value`'s buffer (torch_xla's set_; for a Parameter use `.data =`, see replay.py)."""
+def repoint_all(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Make each of `tensors` hold the buffer of its `values` entry (torch_xla's set_; for a Parameter use
+    `.data =`, see replay.py)."""
     import torch_xla
 
-    torch_xla._XLAC._replace_xla_tensor(tensor, value)
+    replace = torch_xla._XLAC._replace_xla_tensor
+    for t, v in zip(tensors, values):
+        replace(t, v)
 
 
 def drop_pending(device: torch.device) -> None:

@@ -47,7 +47,9 @@ class TrainState:
     def step_tensors(self) -> list[torch.Tensor]:
         """Every tensor a training step updates in place, in a fixed order: the UNet's parameters, AdamW's
         per-parameter tensors (by key), the EMA shadows (what `replay.StepReplay` hands the step as its state)."""
-        params = list(self.unet.parameters())
+        # the optimizer's own list: walking the module tree (`unet.parameters()`) each step cost ~6 ms of host
+        # time per step for the tiny UNet (the same parameters, in the same order: make_optimizer got them so)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         out = list(params)
         for p in params:
             st = self.optimizer.state.get(p, {})
