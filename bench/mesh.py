@@ -17,8 +17,11 @@ Read per configuration:
 Collective traffic is compared with what each layout should move per step, from the parameter counts:
 data-parallel all-reduces the fp32 gradient of every weight (4 bytes × parameters, independent of the
 batch); FSDP reduce-scatters the fp32 gradients of the sharded weights (4 bytes × their elements) and
-all-gathers those weights for the compute (2 bytes × elements per gather in bf16), while the small
-replicated tensors are still all-reduced.
+all-gathers those weights for the compute, once for the forward and once for the backward (2 bytes ×
+elements per gather in bf16 on a TPU; XLA's CPU backend gathers the bf16 values as f32, so 4 bytes here),
+while the small replicated tensors are still all-reduced. Activations should not move at all: any
+all-to-all or collective-permute, or all-gathered bytes that grow with the batch, are activations GSPMD
+re-split.
 
     .venv/bin/python bench/mesh.py [--batch 16] [--latent 16] [--steps 4]
 """
@@ -116,8 +119,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     print()
     print("| mesh (data, fsdp) | grad. checkpointing | global batch | step (s) | step compilations | state KiB "
           "| step total KiB | inputs KiB | temp KiB | all-reduce n / KiB | all-gather n / KiB "
-          "| reduce-scatter n / KiB |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| reduce-scatter n / KiB | all-to-all n / KiB | collective-permute n / KiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         b, c = r["buffers"], r["collectives"]
         print(f"| ({4 // r['fsdp']}, {r['fsdp']}) | {'yes' if r['checkpointing'] else 'no'} | {r['batch']} "
@@ -125,9 +128,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
               f"| {_kib(b['parameter'])} | {_kib(b['temp'])} "
               f"| {c['all-reduce']['count']} / {_kib(c['all-reduce']['operand_bytes'])} "
               f"| {c['all-gather']['count']} / {_kib(c['all-gather']['result_bytes'])} "
-              f"| {c['reduce-scatter']['count']} / {_kib(c['reduce-scatter']['operand_bytes'])} |")
+              f"| {c['reduce-scatter']['count']} / {_kib(c['reduce-scatter']['operand_bytes'])} "
+              f"| {c['all-to-all']['count']} / {_kib(c['all-to-all']['result_bytes'])} "
+              f"| {c['collective-permute']['count']} / {_kib(c['collective-permute']['result_bytes'])} |")
     print()
-    print("Expected traffic per step from the parameter counts (KiB; fp32 gradients, bf16 gathers):")
+    print("Expected traffic per step from the parameter counts (KiB; fp32 gradients; gathers in f32, as XLA's CPU "
+          "backend does them):")
     print()
     print("| mesh (data, fsdp) | global batch | all-reduce expected / measured | reduce-scatter expected / measured "
           "| all-gather per gather / measured (= gathers) |")
@@ -137,7 +143,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             continue
         c, params, split = r["collectives"], r["params"], r["sharded_numel"] if r["fsdp"] > 1 else 0
         gathered = c["all-gather"]["result_bytes"]
-        per_gather = 2 * split
+        per_gather = 4 * split  # f32 on CPU (bf16 on TPU: half)
         print(f"| ({4 // r['fsdp']}, {r['fsdp']}) | {r['batch']} "
               f"| {_kib(4 * (params - split))} / {_kib(c['all-reduce']['operand_bytes'])} "
               f"| {_kib(4 * split)} / {_kib(c['reduce-scatter']['operand_bytes'])} "

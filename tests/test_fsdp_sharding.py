@@ -207,7 +207,8 @@ def test_gradient_checkpointing_lowers_the_compiled_temporaries(tmp_path):
     """A new process compiles the tiny UNet's forward + backward (batch 16 split over the 4-device mesh, bf16
     autocast) twice, without and with --gradient_checkpointing, and dumps both graphs. The runtime keeps the
     checkpoint's optimization barriers on CPU (runtime.keep_optimization_barriers_on_cpu); with them the
-    recomputation waits for its block's gradient, and the compiled step needs fewer temporary bytes."""
+    recomputation waits for its block's gradient, and the compiled step needs fewer temporary bytes, with no
+    collective but the gradients' all-reduce."""
     code = textwrap.dedent("""
         import torch
         from xla_diffusion import runtime, sharding
@@ -243,6 +244,10 @@ def test_gradient_checkpointing_lowers_the_compiled_temporaries(tmp_path):
     assert "opt-barrier" not in plain.hlo_text and "opt-barrier" in checkpointed.hlo_text
     temp = [sharding.buffer_assignment_bytes(m.buffer_assignment)["temp"] for m in (plain, checkpointed)]
     assert temp[1] < 0.85 * temp[0], temp
+    # data-parallel: nothing is gathered, in the recomputation either (it runs under xla_friendly_ops too;
+    # torch_xla's own group_norm there gathered the batch at every GroupNorm: 52 all-gathers)
+    for module in (plain, checkpointed):
+        assert sharding.count_collectives(module.hlo_text)["all-gather"].count == 0, module.name
 
 
 # --- on the 4-device mesh ---------------------------------------------------------------------------------
@@ -372,9 +377,10 @@ def test_primed_state_makes_step_one_the_steady_graph(runs):
 
 
 @pytest.mark.parametrize("fsdp", [1, 4])
-def test_fsdp_pins_block_outputs_to_the_batch_split_while_training(fsdp):
-    """At fsdp > 1 every resnet, transformer and resampling block's output carries the batch sharding
-    (traced only: nothing compiles); not at fsdp 1, and not under no_grad (sampling, evaluation)."""
+def test_fsdp_pins_block_and_norm_outputs_to_the_batch_split_while_training(fsdp):
+    """At fsdp > 1 every resnet and transformer block's output, and every GroupNorm's and LayerNorm's,
+    carries the batch sharding (traced only: nothing compiles); not at fsdp 1, and not under no_grad
+    (sampling, evaluation)."""
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -391,7 +397,7 @@ def test_fsdp_pins_block_outputs_to_the_batch_split_while_training(fsdp):
         seen.append((type(module).__name__, torch.is_grad_enabled(), sharding.sharding_string(out)))
 
     for m in unet.modules():
-        if isinstance(m, ResnetBlock2D | Transformer2DModel):
+        if isinstance(m, ResnetBlock2D | Transformer2DModel | torch.nn.GroupNorm | torch.nn.LayerNorm):
             m.register_forward_hook(record)
     batch = {k: v.to(rt.device) for k, v in _batch().items()}
     for v in batch.values():
@@ -399,14 +405,55 @@ def test_fsdp_pins_block_outputs_to_the_batch_split_while_training(fsdp):
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             unet(batch["sample"], batch["timestep"], batch["encoder_hidden_states"], return_dict=False)
-    assert {name for name, _, _ in seen} == {"ResnetBlock2D", "Transformer2DModel"}
+    assert {name for name, _, _ in seen} == {"ResnetBlock2D", "Transformer2DModel", "GroupNorm", "LayerNorm"}
     pinned = {(grad, spec) for _, grad, spec in seen}
-    batch_split = "{devices=[4,1,1,1]0,1,2,3}"  # (B, C, H, W) split 4 ways on B
+    # (B, C, H, W) and (B, tokens, C) split 4 ways on B
+    batch_split = {"{devices=[4,1,1,1]0,1,2,3}", "{devices=[4,1,1]0,1,2,3}"}
     if fsdp == 1:
-        assert batch_split not in {spec for _, spec in pinned}
+        assert not batch_split & {spec for _, spec in pinned}
     else:
-        assert {spec for grad, spec in pinned if grad} == {batch_split}
-        assert batch_split not in {spec for grad, spec in pinned if not grad}
+        assert {spec for grad, spec in pinned if grad} == batch_split
+        assert not batch_split & {spec for grad, spec in pinned if not grad}
+
+
+def test_fsdp4_step_moves_weights_not_activations(tmp_path):
+    """A new process compiles the tiny UNet's forward + backward (bf16 autocast, batch 16) sharded by
+    `fsdp_shard` on (data=1, fsdp=4) and dumps the graph. FSDP-shaped traffic gathers each split weight for
+    the forward and again for the backward and moves no activations: no all-to-all or collective-permute,
+    and at most 2 × 4 bytes × the split weights' elements all-gathered (XLA's CPU backend gathers bf16
+    values as f32). Pinning only the blocks' outputs gathered 1.9x that, plus all-to-alls and permutes."""
+    code = textwrap.dedent("""
+        import torch
+        from xla_diffusion import runtime, sharding
+        from xla_diffusion.tiny import build_unet
+        from xla_diffusion.xla_ops import xla_friendly_ops
+        rt = runtime.init_runtime(fsdp_size=4)
+        g = torch.Generator().manual_seed(0)
+        x, h = torch.randn(16, 4, 16, 16, generator=g), torch.randn(16, 16, 32, generator=g)
+        t = torch.randint(0, 1000, (16,), generator=g)
+        batch = runtime.to_mesh({"x": x, "h": h, "t": t}, rt.mesh)
+        torch.manual_seed(0)
+        unet = build_unet("tiny").train()
+        specs = sharding.fsdp_shard(unet, rt.mesh)
+        shapes = {n: p.numel() for n, p in unet.named_parameters()}
+        print(sum(shapes[n] for n, s in specs.items() if "fsdp" in s))
+        with xla_friendly_ops(), runtime.autocast(rt.device, True):
+            pred = unet(batch["x"], batch["t"], batch["h"], return_dict=False)[0]
+        pred.float().square().mean().backward()
+        runtime.sync()
+        print(float(unet.conv_in.weight.grad.abs().sum().cpu()))
+    """)
+    dump = str(tmp_path / "dump")
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=sharding.hlo_dump_flags(dump),
+               PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    split_numel = int(out.stdout.split()[0])
+    assert split_numel > 900_000  # the big weights are split (950,272 of 985,444 elements)
+    (step,) = [m for m in sharding.read_hlo_dump(dump) if "convolution" in m.hlo_text]
+    stats = sharding.count_collectives(step.hlo_text)
+    assert stats["all-to-all"].count == 0 and stats["collective-permute"].count == 0, stats
+    assert 0 < stats["all-gather"].result_bytes <= 2 * 4 * split_numel, (stats["all-gather"], split_numel)
 
 
 def test_fsdp4_state_bytes_are_at_most_0_3_of_replicated(runs):

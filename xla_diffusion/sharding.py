@@ -184,27 +184,30 @@ def fsdp_shard(module: torch.nn.Module, mesh: Any, rules: Sequence[Rule] = (),
     return specs
 
 
-def _block_types() -> tuple[type, ...]:
-    """diffusers' UNet building blocks whose outputs are activations (B, ...): resnets, transformer blocks,
-    down- and up-samplers."""
+def _pinned_types() -> tuple[type, ...]:
+    """The modules whose outputs are activations (B, ...) pinned to the batch split at fsdp > 1: diffusers'
+    UNet blocks (resnets, transformer blocks, down- and up-samplers) and every GroupNorm and LayerNorm."""
     from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    return ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D
+    return ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D, torch.nn.GroupNorm, torch.nn.LayerNorm
 
 
 def constrain_block_outputs(module: torch.nn.Module, mesh: Any) -> int:
-    """Constrain the output of every UNet block (and of `conv_in`) to the batch sharding over all mesh axes,
-    while gradients are on (training; sampling and evaluation are left alone). Returns how many blocks were
-    hooked, `conv_in` aside.
+    """Constrain the output of every UNet block, every GroupNorm and LayerNorm (and `conv_in`) to the batch
+    sharding over all mesh axes, while gradients are on (training; sampling and evaluation are left alone).
+    Returns how many modules were hooked, `conv_in` aside.
 
-    With weights split over `fsdp` and the batch split over (data, fsdp), GSPMD may compute a block with its
-    activations re-split along the weights' dimension instead of gathering the weights, which all-gathers
-    activations (bytes that grow with the batch). Pinning each block's output to the batch split leaves it
-    the weights to gather, as torch_xla's FSDPv2 does with layer outputs. Measured on the tiny UNet at fsdp 4
-    (bench/mesh.py): all-gathered bytes per step 26,562 -> 14,162 KiB at batch 16 and 49,830 -> 22,494 KiB at
-    32, temporaries 0.76x and 0.74x. Activations are still gathered inside some blocks (the gathers still grow
-    with the batch)."""
+    With weights split over `fsdp` and the batch split over (data, fsdp), GSPMD may compute a layer with its
+    activations re-split along the weights' dimension instead of gathering the weights, which moves
+    activations (all-gathers, all-to-alls and permutes whose bytes grow with the batch). Pinning outputs to
+    the batch split leaves it the weights to gather, as torch_xla's FSDPv2 does with layer outputs. The
+    blocks alone were not enough: inside them GSPMD still re-split the normalised activations that feed the
+    convolutions and projections whose weights are split. Measured on the tiny UNet's step at fsdp 4,
+    batch 16 (bench/mesh.py): with no pins 26,562 KiB all-gathered per device; blocks pinned 14,162 KiB plus
+    9,216 KiB of all-to-alls and 5,120 of permutes; blocks and norms pinned 6,896 KiB of all-gathers (each
+    sharded weight about twice, forward and backward, in f32 on CPU) and nothing else; 6,942 KiB at batch 32.
+    """
     import torch_xla.distributed.spmd as xs
 
     from .runtime import BATCH_AXES
@@ -221,11 +224,11 @@ def constrain_block_outputs(module: torch.nn.Module, mesh: Any) -> int:
                 pin(t)
         return output
 
-    blocks = [m for m in module.modules() if isinstance(m, _block_types())]
+    pinned = [m for m in module.modules() if isinstance(m, _pinned_types())]
     conv_in = getattr(module, "conv_in", None)
-    for m in blocks + ([conv_in] if isinstance(conv_in, torch.nn.Module) else []):
+    for m in pinned + ([conv_in] if isinstance(conv_in, torch.nn.Module) else []):
         m.register_forward_hook(hook)
-    return len(blocks)
+    return len(pinned)
 
 
 def shard_module(module: torch.nn.Module, mesh: Any, specs: Mapping[str, PartitionSpec]) -> None:
@@ -417,9 +420,19 @@ def gradient_checkpointing_function() -> Callable[..., Any]:
     """
     from torch_xla.utils.checkpoint import checkpoint
 
+    from .xla_ops import xla_friendly_ops
+
     def checkpoint_block(block: Callable[..., Any], *args: Any) -> Any:
         fn = block.__call__ if isinstance(block, torch.nn.Module) else block
-        return checkpoint(fn, *args, use_reentrant=True)
+
+        def with_xla_ops(*inputs: Any) -> Any:
+            # the recomputation runs in the backward pass, outside the forward's `xla_friendly_ops`: without
+            # it the recomputed norms were torch_xla's batch-merging ones, which all-gathered the batch's
+            # activations at every GroupNorm (52 all-gathers, 19,968 KiB per step data-parallel)
+            with xla_friendly_ops():
+                return fn(*inputs)
+
+        return checkpoint(with_xla_ops, *args, use_reentrant=True)
 
     return checkpoint_block
 

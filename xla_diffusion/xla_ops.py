@@ -110,20 +110,24 @@ def xla_friendly_ops() -> Iterator[None]:
     """Within the block, nearest upsampling by an integer factor is `nearest_upsample`, F.group_norm is
     `group_norm` and F.layer_norm is `layer_norm` (see the module docstring); every other call goes to the
     original functions."""
+    # restores what was there before, not the originals: it is entered again inside a forward already under
+    # it (gradient checkpointing's recomputation, sharding.gradient_checkpointing_function)
+    before = F.group_norm, F.layer_norm
     F.group_norm, F.layer_norm = group_norm, layer_norm
     try:
         with nearest_upsample_as_broadcast():
             yield
     finally:
-        F.group_norm, F.layer_norm = _original_group_norm, _original_layer_norm
+        F.group_norm, F.layer_norm = before
 
 
 @contextlib.contextmanager
 def nearest_upsample_as_broadcast() -> Iterator[None]:
     """Within the block, F.interpolate(mode="nearest", integer scale_factor) on 4-d inputs is computed
     by `nearest_upsample`; every other call goes to the original function."""
+    before = F.interpolate
     F.interpolate = _interpolate
     try:
         yield
     finally:
-        F.interpolate = _original_interpolate
+        F.interpolate = before
