@@ -203,40 +203,53 @@ def test_cpu_keeps_optimization_barriers_and_the_users_flags(monkeypatch, device
     assert os.environ.get("XLA_FLAGS") == after
 
 
+# The tiny UNet's forward + backward on a batch of 16 split over the 4-device mesh, bf16 autocast, compiled
+# in a new process (XLA reads XLA_FLAGS once, at start-up) that dumps its graphs. `{setup}` makes `unet`.
+_FORWARD_BACKWARD = """
+import torch
+from xla_diffusion import runtime, sharding
+from xla_diffusion.tiny import build_unet
+from xla_diffusion.xla_ops import xla_friendly_ops
+rt = runtime.init_runtime(fsdp_size={fsdp})
+g = torch.Generator().manual_seed(0)
+x, h = torch.randn(16, 4, 16, 16, generator=g), torch.randn(16, 16, 32, generator=g)
+t = torch.randint(0, 1000, (16,), generator=g)
+batch = runtime.to_mesh({{"x": x, "h": h, "t": t}}, rt.mesh)
+for checkpointing in {variants}:
+    torch.manual_seed(0)
+    unet = build_unet("tiny").train()
+{setup}
+    with xla_friendly_ops(), runtime.autocast(rt.device, True):
+        pred = unet(batch["x"], batch["t"], batch["h"], return_dict=False)[0]
+    pred.float().square().mean().backward()
+    runtime.sync()
+    print(float(unet.conv_in.weight.grad.abs().sum().cpu()))
+"""
+
+
+def _compile_forward_backward(tmp_path, fsdp: int, variants: tuple[bool, ...], setup: str) -> tuple[list[str], str]:
+    """Run `_FORWARD_BACKWARD`; returns its printed values and the dump directory."""
+    code = _FORWARD_BACKWARD.format(fsdp=fsdp, variants=variants, setup=textwrap.indent(textwrap.dedent(setup), "    "))
+    dump = str(tmp_path / "dump")
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=sharding.hlo_dump_flags(dump),
+               PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split(), dump
+
+
 def test_gradient_checkpointing_lowers_the_compiled_temporaries(tmp_path):
     """A new process compiles the tiny UNet's forward + backward (batch 16 split over the 4-device mesh, bf16
     autocast) twice, without and with --gradient_checkpointing, and dumps both graphs. The runtime keeps the
     checkpoint's optimization barriers on CPU (runtime.keep_optimization_barriers_on_cpu); with them the
     recomputation waits for its block's gradient, and the compiled step needs fewer temporary bytes, with no
     collective but the gradients' all-reduce."""
-    code = textwrap.dedent("""
-        import torch
-        from xla_diffusion import runtime, sharding
-        from xla_diffusion.tiny import build_unet
-        from xla_diffusion.xla_ops import xla_friendly_ops
-        rt = runtime.init_runtime()
-        g = torch.Generator().manual_seed(0)
-        x, h = torch.randn(16, 4, 16, 16, generator=g), torch.randn(16, 16, 32, generator=g)
-        t = torch.randint(0, 1000, (16,), generator=g)
-        batch = runtime.to_mesh({"x": x, "h": h, "t": t}, rt.mesh)
-        for checkpointing in (False, True):
-            torch.manual_seed(0)
-            unet = build_unet("tiny").train()
-            if checkpointing:
-                sharding.enable_gradient_checkpointing(unet)
-            unet = runtime.place_trained(unet, rt.mesh)
-            with xla_friendly_ops(), runtime.autocast(rt.device, True):
-                pred = unet(batch["x"], batch["t"], batch["h"], return_dict=False)[0]
-            pred.float().square().mean().backward()
-            runtime.sync()
-            print(float(unet.conv_in.weight.grad.abs().sum().cpu()))
+    printed, dump = _compile_forward_backward(tmp_path, 1, (False, True), """
+        if checkpointing:
+            sharding.enable_gradient_checkpointing(unet)
+        unet = runtime.place_trained(unet, rt.mesh)
     """)
-    dump = str(tmp_path / "dump")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=sharding.hlo_dump_flags(dump),
-               PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    plain_grad, checkpointed_grad = (float(v) for v in out.stdout.split())
+    plain_grad, checkpointed_grad = (float(v) for v in printed)
     assert checkpointed_grad == pytest.approx(plain_grad, rel=1e-2)  # bf16: the same gradients, not bitwise
     big = [m for m in sharding.read_hlo_dump(dump) if "convolution" in m.hlo_text]
     assert len(big) == 2, [m.name for m in big]
@@ -422,33 +435,12 @@ def test_fsdp4_step_moves_weights_not_activations(tmp_path):
     the forward and again for the backward and moves no activations: no all-to-all or collective-permute,
     and at most 2 × 4 bytes × the split weights' elements all-gathered (XLA's CPU backend gathers bf16
     values as f32). Pinning only the blocks' outputs gathered 1.9x that, plus all-to-alls and permutes."""
-    code = textwrap.dedent("""
-        import torch
-        from xla_diffusion import runtime, sharding
-        from xla_diffusion.tiny import build_unet
-        from xla_diffusion.xla_ops import xla_friendly_ops
-        rt = runtime.init_runtime(fsdp_size=4)
-        g = torch.Generator().manual_seed(0)
-        x, h = torch.randn(16, 4, 16, 16, generator=g), torch.randn(16, 16, 32, generator=g)
-        t = torch.randint(0, 1000, (16,), generator=g)
-        batch = runtime.to_mesh({"x": x, "h": h, "t": t}, rt.mesh)
-        torch.manual_seed(0)
-        unet = build_unet("tiny").train()
+    printed, dump = _compile_forward_backward(tmp_path, 4, (False,), """
         specs = sharding.fsdp_shard(unet, rt.mesh)
         shapes = {n: p.numel() for n, p in unet.named_parameters()}
         print(sum(shapes[n] for n, s in specs.items() if "fsdp" in s))
-        with xla_friendly_ops(), runtime.autocast(rt.device, True):
-            pred = unet(batch["x"], batch["t"], batch["h"], return_dict=False)[0]
-        pred.float().square().mean().backward()
-        runtime.sync()
-        print(float(unet.conv_in.weight.grad.abs().sum().cpu()))
     """)
-    dump = str(tmp_path / "dump")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=sharding.hlo_dump_flags(dump),
-               PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    split_numel = int(out.stdout.split()[0])
+    split_numel = int(printed[0])
     assert split_numel > 900_000  # the big weights are split (950,272 of 985,444 elements)
     (step,) = [m for m in sharding.read_hlo_dump(dump) if "convolution" in m.hlo_text]
     stats = sharding.count_collectives(step.hlo_text)
