@@ -91,7 +91,7 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None, fsdp_sizes: tuple
     with `step`, run one step and read its compiled module from the dump."""
     import torch
 
-    from xla_diffusion import runtime, sharding
+    from xla_diffusion import hlo, runtime, sharding
     from xla_diffusion.ema import EmaWeights
     from xla_diffusion.optim import make_optimizer
     from xla_diffusion.tiny import build_unet
@@ -133,12 +133,12 @@ def measure_tiny(step: bool, bf16: bool, dump_dir: str | None, fsdp_sizes: tuple
             ema.update()
             runtime.sync()
             runtime.wait_device_ops()
-            modules = [m for m in sharding.read_hlo_dump(dump_dir) if m.name not in seen_modules]
-            seen_modules.update(m.name for m in sharding.read_hlo_dump(dump_dir))
+            modules = [m for m in hlo.read_hlo_dump(dump_dir) if m.name not in seen_modules]
+            seen_modules.update(m.name for m in hlo.read_hlo_dump(dump_dir))
             # the step is the module with the largest buffer assignment; others are tiny set-up graphs
-            module = max(modules, key=lambda m: sharding.buffer_assignment_bytes(m.buffer_assignment)["total"])
-            row["buffers"] = sharding.buffer_assignment_bytes(module.buffer_assignment)
-            row["collectives"] = sharding.count_collectives(module.hlo_text)
+            module = max(modules, key=lambda m: hlo.buffer_assignment_bytes(m.buffer_assignment)["total"])
+            row["buffers"] = hlo.buffer_assignment_bytes(module.buffer_assignment)
+            row["collectives"] = hlo.count_collectives(module.hlo_text)
         rows.append(row)
         print(f"  measured {row['mesh']} checkpointing={checkpointing}", file=sys.stderr, flush=True)
     return rows
@@ -193,7 +193,7 @@ def main() -> None:
         os.environ.setdefault("CPU_NUM_DEVICES", "4")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if args.step:
-            from xla_diffusion.sharding import hlo_dump_flags
+            from xla_diffusion.hlo import hlo_dump_flags
 
             # XLA reads its flags when the runtime starts, which is after this line (nothing touched a device)
             dump_dir = tempfile.mkdtemp(prefix="bench_memory_hlo_")

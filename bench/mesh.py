@@ -12,7 +12,7 @@ Read per configuration:
 - state bytes per device: UNet weights + AdamW moments + EMA shadows, summed from each device's local shards
   as read back from the device buffers (`sharding.per_device_bytes`);
 - from XLA's dump of the compiled step: its buffer assignment (per device: total, inputs, temporaries) and
-  its collectives (`sharding.count_collectives`: count and bytes per kind).
+  its collectives (`hlo.count_collectives`: count and bytes per kind).
 
 Collective traffic is compared with what each layout should move per step, from the parameter counts:
 data-parallel all-reduces the fp32 gradient of every weight (4 bytes × parameters, independent of the
@@ -52,7 +52,7 @@ def worker(conf: dict, args: argparse.Namespace, dump_dir: str) -> dict:
     """One configuration in this process (XLA_FLAGS already dump to `dump_dir`)."""
     import torch
 
-    from xla_diffusion import runtime, sharding, state
+    from xla_diffusion import hlo, runtime, sharding, state
     from xla_diffusion.config import TrainConfig
     from xla_diffusion.tiny import build_unet
     from xla_diffusion.train_step import StepConfig, train_step
@@ -92,16 +92,16 @@ def worker(conf: dict, args: argparse.Namespace, dump_dir: str) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss)
     losses = [float(x.cpu()) for x in losses]
-    module = max(sharding.read_hlo_dump(dump_dir),
-                 key=lambda m: sharding.buffer_assignment_bytes(m.buffer_assignment)["total"])
+    module = max(hlo.read_hlo_dump(dump_dir),
+                 key=lambda m: hlo.buffer_assignment_bytes(m.buffer_assignment)["total"])
     sharded = [n for n, s in specs.items() if "fsdp" in s]
     return {**conf, "step_compilations": runtime.compile_count() - n0,
             "step_s": sum(times[1:]) / max(1, len(times) - 1),
             "params": sum(p.numel() for p in unet.parameters()),
             "sharded_numel": sum(torch.Size(shapes[n]).numel() for n in sharded),
             "sharded_tensors": len(sharded), "tensors": len(specs), "state_bytes": max(per_device.values()),
-            "buffers": sharding.buffer_assignment_bytes(module.buffer_assignment),
-            "collectives": {k: vars(v) for k, v in sharding.count_collectives(module.hlo_text).items()},
+            "buffers": hlo.buffer_assignment_bytes(module.buffer_assignment),
+            "collectives": {k: vars(v) for k, v in hlo.count_collectives(module.hlo_text).items()},
             "losses": losses}
 
 
@@ -162,7 +162,7 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker), args, os.environ["BENCH_DUMP_DIR"])))
         return
 
-    from xla_diffusion.sharding import hlo_dump_flags
+    from xla_diffusion.hlo import hlo_dump_flags
 
     rows = []
     for conf in configurations(args.batch):

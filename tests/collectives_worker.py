@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from xla_diffusion import runtime, sharding
+from xla_diffusion import hlo, runtime
 from xla_diffusion.xla_ops import group_norm, layer_norm
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     (z * z).sum().backward()
     runtime.sync()
     runtime.wait_device_ops()
-    counts = [sharding.count_collectives(m.hlo_text)["all-gather"].count for m in sharding.read_hlo_dump(dump_dir)]
+    counts = [hlo.count_collectives(m.hlo_text)["all-gather"].count for m in hlo.read_hlo_dump(dump_dir)]
     print(json.dumps({"all_gathers": sum(counts), "modules": len(counts)}))
 
 

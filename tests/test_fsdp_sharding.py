@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from xla_diffusion import sharding
+from xla_diffusion import hlo, sharding
 from xla_diffusion.sharding import REPLICATED, ShardingRuleError, default_spec, resolve_specs
 from xla_diffusion.tiny import build_unet
 
@@ -122,7 +122,7 @@ def test_bad_rules_are_one_line_errors(cpu_unet, rules, message):
 
 
 def test_count_collectives_reads_shapes_tuples_and_async_pairs():
-    hlo = textwrap.dedent("""\
+    text = textwrap.dedent("""\
         ENTRY %main (p0: bf16[4,8], p1: f32[16]) -> f32[16] {
           %p0 = bf16[4,8]{1,0} parameter(0), sharding={devices=[4,1]0,1,2,3}
           %p1 = f32[16]{0} parameter(1)
@@ -134,7 +134,7 @@ def test_count_collectives_reads_shapes_tuples_and_async_pairs():
           ROOT %r = f32[16]{0} add(%p1, %p1)
         }
         """)
-    stats = sharding.count_collectives(hlo)
+    stats = hlo.count_collectives(text)
     assert (stats["all-gather"].count, stats["all-gather"].operand_bytes, stats["all-gather"].result_bytes) == (
         2, 2 * 64, 2 * 256)
     assert (stats["all-reduce"].count, stats["all-reduce"].result_bytes) == (1, 64 + 4)
@@ -164,13 +164,13 @@ def test_collectives_and_buffers_of_a_compiled_fsdp_step(tmp_path):
         print(sharding.sharding_string(w))
     """)
     dump = str(tmp_path / "dump")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=sharding.hlo_dump_flags(dump),
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=hlo.hlo_dump_flags(dump),
                PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "{devices=[2,1,2]0,2,1,3 last_tile_dim_replicate}"  # w stays sharded
-    (module,) = sharding.read_hlo_dump(dump)
-    stats = sharding.count_collectives(module.hlo_text)
+    (module,) = hlo.read_hlo_dump(dump)
+    stats = hlo.count_collectives(module.hlo_text)
     # forward: each device gathers the full weight (f32 16×32 = 2048 bytes) from its 8×32 half
     ag = stats["all-gather"]
     assert (ag.count, ag.operand_bytes, ag.result_bytes) == (1, 1024, 2048)
@@ -179,7 +179,7 @@ def test_collectives_and_buffers_of_a_compiled_fsdp_step(tmp_path):
     # plus a slice.
     ar = stats["all-reduce"]
     assert (ar.count, ar.operand_bytes) == (3, 4 + 2048 + 1024)
-    buffers = sharding.buffer_assignment_bytes(module.buffer_assignment)
+    buffers = hlo.buffer_assignment_bytes(module.buffer_assignment)
     # inputs: the half of w (1024 bytes), the quarter of x (2×16×4 = 128) and a few f32 scalars
     assert buffers["total"] > buffers["parameter"] and 1024 + 128 <= buffers["parameter"] <= 1024 + 128 + 16
 
@@ -231,7 +231,7 @@ def _compile_forward_backward(tmp_path, fsdp: int, variants: tuple[bool, ...], s
     """Run `_FORWARD_BACKWARD`; returns its printed values and the dump directory."""
     code = _FORWARD_BACKWARD.format(fsdp=fsdp, variants=variants, setup=textwrap.indent(textwrap.dedent(setup), "    "))
     dump = str(tmp_path / "dump")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=sharding.hlo_dump_flags(dump),
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=hlo.hlo_dump_flags(dump),
                PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -251,16 +251,16 @@ def test_gradient_checkpointing_lowers_the_compiled_temporaries(tmp_path):
     """)
     plain_grad, checkpointed_grad = (float(v) for v in printed)
     assert checkpointed_grad == pytest.approx(plain_grad, rel=1e-2)  # bf16: the same gradients, not bitwise
-    big = [m for m in sharding.read_hlo_dump(dump) if "convolution" in m.hlo_text]
+    big = [m for m in hlo.read_hlo_dump(dump) if "convolution" in m.hlo_text]
     assert len(big) == 2, [m.name for m in big]
     plain, checkpointed = big  # compilation order
     assert "opt-barrier" not in plain.hlo_text and "opt-barrier" in checkpointed.hlo_text
-    temp = [sharding.buffer_assignment_bytes(m.buffer_assignment)["temp"] for m in (plain, checkpointed)]
+    temp = [hlo.buffer_assignment_bytes(m.buffer_assignment)["temp"] for m in (plain, checkpointed)]
     assert temp[1] < 0.85 * temp[0], temp
     # data-parallel: nothing is gathered, in the recomputation either (it runs under xla_friendly_ops too;
     # torch_xla's own group_norm there gathered the batch at every GroupNorm: 52 all-gathers)
     for module in (plain, checkpointed):
-        assert sharding.count_collectives(module.hlo_text)["all-gather"].count == 0, module.name
+        assert hlo.count_collectives(module.hlo_text)["all-gather"].count == 0, module.name
 
 
 # --- on the 4-device mesh ---------------------------------------------------------------------------------
@@ -442,8 +442,8 @@ def test_fsdp4_step_moves_weights_not_activations(tmp_path):
     """)
     split_numel = int(printed[0])
     assert split_numel > 900_000  # the big weights are split (950,272 of 985,444 elements)
-    (step,) = [m for m in sharding.read_hlo_dump(dump) if "convolution" in m.hlo_text]
-    stats = sharding.count_collectives(step.hlo_text)
+    (step,) = [m for m in hlo.read_hlo_dump(dump) if "convolution" in m.hlo_text]
+    stats = hlo.count_collectives(step.hlo_text)
     assert stats["all-to-all"].count == 0 and stats["collective-permute"].count == 0, stats
     assert 0 < stats["all-gather"].result_bytes <= 2 * 4 * split_numel, (stats["all-gather"], split_numel)
 

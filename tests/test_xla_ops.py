@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from xla_diffusion import runtime
-from xla_diffusion.sharding import hlo_dump_flags
+from xla_diffusion.hlo import hlo_dump_flags
 from xla_diffusion.xla_ops import (
     group_norm,
     layer_norm,

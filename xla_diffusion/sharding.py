@@ -1,6 +1,6 @@
 """FSDP over the named mesh: sharding rules as data, applied to a plain model and its training state, and
-the measurements that check it (per-device bytes read from the device buffers, collectives read from the
-compiled HLO).
+the per-device bytes read from the device buffers that check it (what the compiled graph gathers and
+allocates is read from XLA's dumps by `hlo.py`).
 
 The rule table is an ordered list of `(pattern, spec)`: `pattern` is an fnmatch pattern over parameter
 names (`"*.attn1.to_q.weight"`), `spec` a partition spec with one entry per tensor dimension (a mesh axis
@@ -11,18 +11,14 @@ divisible by the `fsdp` axis size is split over `fsdp`, and tensors under `min_s
 axis, so a `(data, fsdp)` mesh is data parallel across `data` and fully sharded within `fsdp`.
 
 With torch_xla this module and `runtime.py` are the only ones that import it (inside functions, so the
-pure parts — rule resolution, HLO and buffer-assignment parsing — work without a device).
+pure parts, rule resolution, work without a device).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import glob
 import math
-import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -180,7 +176,7 @@ def fsdp_shard(module: torch.nn.Module, mesh: Any, rules: Sequence[Rule] = (),
     module.to(torch_xla.device())
     shard_module(module, mesh, specs)
     if mesh_axis_sizes(mesh).get("fsdp", 1) > 1:
-        constrain_block_outputs(module, mesh)
+        pin_activations_to_batch(module, mesh)
     return specs
 
 
@@ -193,7 +189,7 @@ def _pinned_types() -> tuple[type, ...]:
     return ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D, torch.nn.GroupNorm, torch.nn.LayerNorm
 
 
-def constrain_block_outputs(module: torch.nn.Module, mesh: Any) -> int:
+def pin_activations_to_batch(module: torch.nn.Module, mesh: Any) -> int:
     """Constrain the output of every UNet block, every GroupNorm and LayerNorm (and `conv_in`) to the batch
     sharding over all mesh axes, while gradients are on (training; sampling and evaluation are left alone).
     Returns how many modules were hooked, `conv_in` aside.
@@ -295,113 +291,6 @@ def per_device_bytes(tensors: Iterable[torch.Tensor], chunk: int = 64) -> dict[s
             for data, device in shards:
                 totals[device] = totals.get(device, 0) + data.numel() * data.element_size()
     return dict(sorted(totals.items(), key=lambda kv: (len(kv[0]), kv[0])))
-
-
-_DTYPE_BYTES = {
-    "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
-    "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-}  # fmt: skip
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-# `%name = <shape> <opcode>(<operands>)...` in XLA's text HLO; the shape is an array or a tuple.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
-
-
-def _shape_bytes(shape: str) -> int:
-    return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(shape))
-
-
-@dataclass
-class CollectiveStats:
-    """One collective kind in an HLO module: how many ops, and their per-device operand and result bytes."""
-
-    count: int = 0
-    operand_bytes: int = 0
-    result_bytes: int = 0
-
-
-def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
-    """Count the collectives of a compiled (SPMD-partitioned, "after optimizations") HLO module's text.
-
-    Returns {kind: CollectiveStats} for kind in COLLECTIVES (all present, zeros when absent). Shapes in
-    partitioned HLO are per device, so bytes are what one device sends in (operands) and gets back
-    (results): an all-gather's result is the gathered tensor, a reduce-scatter's operand the full one.
-    Async pairs count once, at their `-start` (an all-gather-start's tuple holds operand and result: its
-    result bytes are the second half). Ops are counted where they appear in the text: one inside a while
-    body runs once per iteration but counts once.
-    """
-    shapes: dict[str, str] = {}
-    stats = {kind: CollectiveStats() for kind in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, shape, opcode, rest = m.groups()
-        shapes[name] = shape
-        kind = opcode.removesuffix("-start")
-        if kind not in stats or opcode.endswith("-done"):
-            continue
-        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-        result = shape
-        if opcode in ("all-gather-start", "collective-permute-start"):
-            arrays = _ARRAY.findall(shape)
-            result = " ".join(f"{dt}[{dims}]" for dt, dims in arrays[len(arrays) // 2:])
-        s = stats[kind]
-        s.count += 1
-        s.result_bytes += _shape_bytes(result)
-        s.operand_bytes += sum(_shape_bytes(shapes.get(o, "")) for o in operands)
-    return stats
-
-
-def buffer_assignment_bytes(text: str) -> dict[str, int]:
-    """Per-device bytes of a compiled module from XLA's `*buffer-assignment.txt` dump.
-
-    Returns {"total": "Total bytes used" (every allocation: parameters, outputs, temporaries),
-    "parameter": the entry parameters' allocations (the inputs: weights, optimizer state, batch),
-    "temp": allocations that are neither parameters, outputs, live-out values nor constants (the
-    activations and scratch the step needs on top of its inputs and outputs)}.
-    """
-    total = re.search(r"Total bytes used:\s*(\d+)", text)
-    out = {"total": int(total.group(1)) if total else 0, "parameter": 0, "temp": 0}
-    for m in re.finditer(r"^allocation \d+: size (\d+), ?(.*)$", text, re.MULTILINE):
-        size, tags = int(m.group(1)), m.group(2)
-        if "parameter" in tags:
-            out["parameter"] += size
-        elif not any(t in tags for t in ("output shape", "maybe-live-out", "constant")):
-            out["temp"] += size
-    return out
-
-
-def hlo_dump_flags(dump_dir: str) -> str:
-    """XLA_FLAGS value that makes XLA write every compiled module's optimized HLO and buffer assignment as
-    text under `dump_dir`. XLA reads it once, when the runtime starts: set it in the environment of a new
-    process."""
-    return f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
-
-
-@dataclass(frozen=True)
-class DumpedModule:
-    name: str  # e.g. "module_0003.SyncTensorsGraph.1234"
-    hlo_text: str  # optimized (partitioned) HLO
-    buffer_assignment: str
-
-
-def read_hlo_dump(dump_dir: str) -> list[DumpedModule]:
-    """The compiled modules XLA dumped under `dump_dir` (see hlo_dump_flags), in compilation order."""
-    modules = []
-    for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
-        stem = path[: -len(".txt")]
-        name = os.path.basename(stem).rsplit(".", 1)[0]
-        buffers = stem + "-buffer-assignment.txt"
-        with open(path, encoding="utf-8") as f:
-            hlo = f.read()
-        assignment = ""
-        if os.path.exists(buffers):
-            with open(buffers, encoding="utf-8") as f:
-                assignment = f.read()
-        modules.append(DumpedModule(name, hlo, assignment))
-    return modules
 
 
 # ---------------------------------------------------------------------------------------------------------
