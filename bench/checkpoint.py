@@ -37,10 +37,10 @@ V5P64_HOSTS = 8  # v5p-64: 64 TensorCores = 32 chips, 4 chips per host
 
 
 def measure(root: str, state: dict, repeats: int, asynchronous: bool, mesh: object) -> dict[str, float]:
-    from xla_diffusion import checkpoint
+    from xla_diffusion import checkpoint, checkpointer
 
     fingerprint = {"bench": 1}
-    ckpt = checkpoint.Checkpointer(root, total_limit=2, asynchronous=asynchronous, mesh=mesh)
+    ckpt = checkpointer.Checkpointer(root, total_limit=2, asynchronous=asynchronous, mesh=mesh)
     stalls, saves = [], []
     for step in range(1, repeats + 1):
         t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def measure(root: str, state: dict, repeats: int, asynchronous: bool, mesh: obje
         stalls.append(t1 - t0)
         saves.append(t2 - t0)
     latest = checkpoint.latest_complete(root)
-    size = sum(checkpoint._file_sizes(latest.path).values())
+    size = sum(checkpoint.file_sizes(latest.path).values())
     t0 = time.perf_counter()
     ckpt.restore(latest, state, fingerprint)
     restore = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from xla_diffusion import checkpoint, runtime
+from xla_diffusion import checkpoint, checkpointer, runtime
 from xla_diffusion.ema import EmaWeights
 from xla_diffusion.optim import make_optimizer, prime_optimizer
 
@@ -99,7 +99,7 @@ def _restore(output_dir: str, out: str) -> None:
     prime_optimizer(opt)
     before = runtime.compile_count()
     found = checkpoint.latest_complete(output_dir)
-    host = checkpoint.Checkpointer(output_dir, mesh=rt.mesh).restore(found, state(model, opt, ema), FINGERPRINT)
+    host = checkpointer.Checkpointer(output_dir, mesh=rt.mesh).restore(found, state(model, opt, ema), FINGERPRINT)
     torch.save({"tensors": host_snapshot(model, opt, ema), "host": host, "num_devices": rt.num_devices,
                 "restore_compiles": runtime.compile_count() - before}, out)
 
@@ -122,7 +122,7 @@ def _two_host_data(rank: int, latents: str, output_dir: str, rt: runtime.Runtime
 
     f, it = feed()
     before = ids(f, it, 5)
-    ckpt = checkpoint.Checkpointer(output_dir, mesh=rt.mesh)
+    ckpt = checkpointer.Checkpointer(output_dir, mesh=rt.mesh)
     ckpt.save(5, state(model, opt, ema), {"data": f.position}, FINGERPRINT)
     ckpt.wait()
     after = ids(f, it, 5)
@@ -144,7 +144,7 @@ def _twoproc(rank: int, port: int, output_dir: str, out: str, latents: str) -> N
     for update in (1, 2):
         train_step(rt, model, opt, ema, update)
     saved = host_snapshot(model, opt, ema)
-    ckpt = checkpoint.Checkpointer(output_dir, total_limit=1, mesh=rt.mesh)
+    ckpt = checkpointer.Checkpointer(output_dir, total_limit=1, mesh=rt.mesh)
     path = ckpt.save(2, state(model, opt, ema), {"process": rank, "data_position": 10 * (rank + 1)}, FINGERPRINT)
     ckpt.wait()
     model2, opt2, ema2 = build(rt, seed=7)

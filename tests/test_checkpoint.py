@@ -27,7 +27,8 @@ import torch
 
 from tests.checkpoint_worker import FINGERPRINT, build, host_snapshot, state, train_step
 from xla_diffusion import checkpoint, fsio, runtime
-from xla_diffusion.checkpoint import Checkpointer, CheckpointError
+from xla_diffusion.checkpoint import CheckpointError
+from xla_diffusion.checkpointer import Checkpointer
 from xla_diffusion.optim import prime_optimizer
 from xla_diffusion.resume import FINGERPRINT_FIELDS
 
@@ -395,7 +396,7 @@ def test_two_processes_write_one_checkpoint(ref, tmp_path):
     # de-duplication gives every chunk to process 0 and process 1's file is empty; on a pod each process
     # holds (and writes) only its own devices' shards, which this machine cannot show.
     assert "__1_0.distcp" in names
-    chunk_files = {info.relative_path for info in checkpoint._read_dcp_metadata(path).storage_data.values()}
+    chunk_files = {info.relative_path for info in checkpoint.read_dcp_metadata(path).storage_data.values()}
     assert chunk_files == {"__0_0.distcp"}
     # the data: each host its own shards (shards 0, 2 and 1, 3 of 13 samples: numbers 0-12, 26-38 and 13-25,
     # 39-51), its own position in its own host state, resumed without replaying

@@ -28,8 +28,9 @@ import time
 from typing import Any
 
 from . import fsio, runtime
-from .checkpoint import Checkpointer, CheckpointError, CheckpointInfo, config_fingerprint, training_state
+from .checkpoint import CheckpointError, CheckpointInfo, config_fingerprint, training_state
 from .checkpoint import step_dir as checkpoint_dir
+from .checkpointer import Checkpointer
 from .errors import ConfigError
 from .tracking import metrics_path
 
