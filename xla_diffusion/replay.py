@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import runtime
+from . import lazy_graph, runtime
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ class NotReplayable(Exception):
 def _buffer_handle(t: torch.Tensor) -> int:
     """Handle of the device buffer a graph reading `t` takes as its input (for a tensor whose value is a
     pending reference to another buffer, that buffer)."""
-    _, values = runtime.graph_inputs([t])
+    _, values = lazy_graph.graph_inputs([t])
     if len(values) != 1:
         raise NotReplayable("an input of the step holds a pending computation")
-    return runtime.buffer_handles(values)[0]
+    return lazy_graph.buffer_handles(values)[0]
 
 
 @dataclass
@@ -127,7 +127,7 @@ class StepReplay:
         it through the cache. Whatever makes replay unsafe leaves the traced step to the caller's graph cut."""
         outputs: list[torch.Tensor] | None = None
         try:
-            runtime.materialise(state + inputs)
+            lazy_graph.materialise(state + inputs)
             runtime.wait_device_ops()  # no buffer is in flight: their handles are read below
             keys: dict[int, tuple[str, int]] = {}
             for i, t in enumerate(state + inputs):
@@ -140,12 +140,12 @@ class StepReplay:
             roots = state + outputs
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
             # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it)
-            if runtime.pending_count(device=state[0].device) > runtime.pending_count(roots):
+            if lazy_graph.pending_count(device=state[0].device) > lazy_graph.pending_count(roots):
                 raise NotReplayable("the step leaves results outside the tensors it was given as its state")
-            ids, values = runtime.graph_inputs(roots)
-            if runtime.device_seed_id() in ids:
+            ids, values = lazy_graph.graph_inputs(roots)
+            if lazy_graph.device_seed_id() in ids:
                 raise NotReplayable("the step draws random numbers on the device")
-            handles = runtime.buffer_handles(values)
+            handles = lazy_graph.buffer_handles(values)
             sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
             const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
             rec = _Recording(b"", sources, const_handles, self._signature(inputs), len(state), len(inputs))
@@ -158,19 +158,19 @@ class StepReplay:
             return outputs if outputs is not None else list(fn())
         for (kind, _), value in zip(sources, values):
             if kind == "state":
-                runtime.donate(value)
-        rec.graph_hash = runtime.compile_graph(roots)
+                lazy_graph.donate(value)
+        rec.graph_hash = lazy_graph.compile_graph(roots)
         if first is not None and rec.graph_hash != first.graph_hash:
             self._refuse("two recordings of the step gave different graphs")
         if first is None:
             self.recording = rec
             self._is_param = [isinstance(t, torch.nn.Parameter) for t in state]
         self.recordings += 1
-        results = runtime.run_compiled(rec.graph_hash, values)
+        results = lazy_graph.run_compiled(rec.graph_hash, values)
         self._adopt(roots, results)
         # Turn tensors that reference a buffer through a pending device-data node into plain buffer handles
         # (nothing else is pending: checked above).
-        runtime.drop_pending(state[0].device)
+        lazy_graph.drop_pending(state[0].device)
         return outputs
 
     def _adopt(self, roots: list[torch.Tensor], results: list[torch.Tensor]) -> None:
@@ -185,15 +185,15 @@ class StepReplay:
             else:
                 others.append(t)
                 values.append(r)
-        runtime.repoint_all(others, values)
+        lazy_graph.repoint_all(others, values)
 
     def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         rec = self.recording
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
-        runtime.materialise(state + inputs)
+        lazy_graph.materialise(state + inputs)
         # No donation flags here: they only shape the compiled graph (its input/output aliasing, set when it was
         # recorded); PJRT donates the aliased state buffers on every run of that executable, flagged or not.
-        results = runtime.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
+        results = lazy_graph.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
         n = len(state)
         self._adopt(state, results[:n])
         self.replayed_steps += 1
