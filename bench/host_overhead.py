@@ -21,8 +21,11 @@ never overlap and every host phase runs with idle devices. On a TPU the host's w
 n's execution; here it is measured on its own. Host time = wall time - device wait. torch_xla's
 ExecuteReplicatedTime metric is printed beside the measured wait.
 
+The mode `replay-loader-cut` adds back the graph cut torch_xla's MpDeviceLoader made before handing out each
+batch (its default), which the trainer's loader no longer makes (the loop cuts after each step itself).
+
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
-        [--modes trace replay]
+        [--modes trace replay replay-loader-cut]
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 
 PHASES = ("loader wait", "lr/EMA copies", "trace or replay", "graph cut + dispatch", "closures", "monitor", "other")
-MODES = {"trace": "traced every step", "replay": "replayed (the default)"}
+MODES = {"trace": "traced every step", "replay": "replayed (the default)",
+         "replay-loader-cut": "replayed, loader cutting the graph before each batch (until this round)"}
 UNETS = {"tiny": "tiny (test kit: 2 levels, 1 attention level)",
          "sd2-base/8": "SD2-base structure, widths / 8"}
 
@@ -115,7 +119,12 @@ def worker(args: argparse.Namespace) -> dict:
             timers.step += 1  # the loop asks for step n's batch first
             if timers.step == timers.start_step:
                 timers.exec0 = runtime.metric_seconds("ExecuteReplicatedTime")
-            return timers.wrap("loader wait", self.it.__next__)()
+            return timers.wrap("loader wait", self.next_batch)()
+
+        def next_batch(self):
+            if args.mode == "replay-loader-cut":
+                sync()  # what MpDeviceLoader did before each batch with its default batches_per_execution=1
+            return next(self.it)
 
     loader, sync, closure = runtime.device_loader, runtime.sync, runtime.add_step_closure
     runtime.device_loader = lambda *a, **kw: TimedLoader(loader(*a, **kw))
@@ -155,7 +164,7 @@ def worker(args: argparse.Namespace) -> dict:
         "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--mixed_precision", "bf16",
         "--use_ema", "--logging_steps", str(args.logging_steps), "--timing_warmup_steps", str(args.warmup),
         "--output_dir", args.out,
-        "--step_graph", args.mode,
+        "--step_graph", args.mode.split("-")[0],
     ])
     summary = trainer.train(cfg)
     # train() ends with an export; the loop's wall time is taken up to the monitor's last timing instead
