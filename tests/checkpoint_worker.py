@@ -174,8 +174,8 @@ def _preempted(output_dir: str, snapshot: str) -> None:
     logging.basicConfig(level=logging.INFO)
     rt = runtime.init_runtime()
     model, opt, ema = build(rt, seed=0)
-    cfg = SimpleNamespace(**dict.fromkeys(FINGERPRINT_FIELDS), output_dir=output_dir, logging_dir="logs",
-                          checkpointing_steps=3, checkpoints_total_limit=None)
+    cfg = SimpleNamespace(**dict.fromkeys(FINGERPRINT_FIELDS), dream_training=False, output_dir=output_dir,
+                          logging_dir="logs", checkpointing_steps=3, checkpoints_total_limit=None)
     run = RunCheckpoints(cfg, rt)
     train_state = SimpleNamespace(unet=model, optimizer=opt, ema=ema, step=0)
     run.preemption.install()

@@ -106,6 +106,8 @@ BF16_ARGS = [
     # tracker on so that the token can be looked for in all of their files
     "--p2_gamma", "1.0", "--report_to", "all", "--push_to_hub", "--hub_model_id", HUB_REPO, "--hub_token", HUB_TOKEN,
     "--peak_tflops", "1", "--enable_xformers_memory_efficient_attention",
+    # DREAM's extra no-grad UNet forward, in the same one step graph (epsilon: the tiny pipeline's scheduler)
+    "--dream_training",
 ]
 # The trainer with AdamW's state left to the first step: a real second compilation, for the bound's test.
 UNPRIMED_SCRIPT = os.path.join(ROOT, "tests", "unprimed_trainer.py")
@@ -117,8 +119,8 @@ class TrainRuns:
 
     - `fp32_4dev` / `fp32_1dev`: 3 fp32 steps, sample (x0) prediction + min-SNR + offset noise + input
       perturbation, same seed and data, on a 4-device and a 1-device mesh (the equivalence pair);
-    - `bf16`: 10 bf16 steps on 4 devices with a warm-up + cosine lr schedule and P2 weighting, logging every
-      step, with MFU against a given peak and flash attention asked for, exported and pushed to the session's
+    - `bf16`: 10 bf16 steps on 4 devices with a warm-up + cosine lr schedule, P2 weighting and DREAM, logging
+      every step, with MFU against a given peak and flash attention asked for, exported and pushed to the session's
       loopback hub (`hub_endpoint`) with TensorBoard and wandb on (compile count, MFU, export, push and token
       tests);
     - `fsdp_2x2` / `fsdp_1x4`: the fp32 runs' command with --fsdp_size 2 and 4 on the same 4 devices (UNet

@@ -52,6 +52,9 @@ def test_flash_attention_flags():
         (["--peak_tflops", "0"], "--peak_tflops must be > 0"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
         (["--fsdp_size", "0"], "--fsdp_size must be >= 1"),
+        (["--dream_training", "--prediction_type", "v_prediction"],
+         "--dream_training is defined for epsilon prediction, not --prediction_type v_prediction"),
+        (["--dream_training", "--dream_detail_preservation", "-1"], "--dream_detail_preservation must be >= 0"),
     ],
 )
 def test_bad_values_exit_with_one_line(capsys, extra, message):

@@ -69,7 +69,7 @@ FLAG_CASES = {
     "lr_scheduler": (["--lr_scheduler=cosine"], "ok"),
     "lr_warmup_steps": (["--lr_warmup_steps=500"], "ok"),
     "snr_gamma": (["--snr_gamma=5.0"], "ok"),
-    "dream_training": (["--dream_training"], "error"),
+    "dream_training": (["--dream_training"], "ok"),
     "dream_detail_preservation": (["--dream_detail_preservation=0.5"], "warning"),
     "use_8bit_adam": (["--use_8bit_adam"], "warning"),
     "allow_tf32": (["--allow_tf32"], "warning"),

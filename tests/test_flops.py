@@ -198,6 +198,17 @@ def test_train_flops_needs_the_latent_scale():
 def test_step_flops_arithmetic():
     s = StepFlops(batch=4, unet_fwd=100, unet_bwd=180, vae_enc=50, text_enc=10)
     assert (s.unet_train, s.encoders, s.total, s.per_image) == (280, 60, 340, 85.0)
+    d = StepFlops(batch=4, unet_fwd=100, unet_bwd=180, vae_enc=50, text_enc=10, unet_dream=100)
+    assert (d.unet_train, d.total) == (380, 440)
+
+
+def test_dream_adds_one_unet_forward():
+    """--dream_training's estimate is one more forward of the same UNet on the same shapes, without backward."""
+    config = build_unet("tiny").config
+    plain = count_train_flops(config, batch=2, resolution=64, text_len=16, vae_scale_factor=4)
+    dream = count_train_flops(config, batch=2, resolution=64, text_len=16, vae_scale_factor=4, dream=True)
+    assert plain.unet_dream == 0 and dream.unet_dream == plain.unet_fwd > 0
+    assert dream.total == plain.total + plain.unet_fwd
 
 
 # --- MFU and peaks ---

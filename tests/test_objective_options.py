@@ -1,5 +1,8 @@
 """The objective options users ask for, each against its formula and, where diffusers has it, against
-diffusers' schedulers: prediction_type "sample" (x0), noise offset, input perturbation, P2 weighting."""
+diffusers' schedulers and training utilities: prediction_type "sample" (x0), noise offset, input perturbation,
+P2 weighting, DREAM."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -217,3 +220,94 @@ def test_step_loss_with_every_option_is_the_hand_computed_one(tiny_pipeline, pre
         plain = compute_loss(unet, None, None, undrawn, alphas, cfg.plain())
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
     assert not torch.isclose(ours, plain)
+
+
+# ------------------------------------------------------------------------------------------------- DREAM
+
+
+class _FixedEstimate(torch.nn.Module):
+    """Answers every call with the same noise estimate, in the output form diffusers' DREAM reads (`.sample`)."""
+
+    def __init__(self, estimate: torch.Tensor):
+        super().__init__()
+        self.estimate = estimate
+
+    def forward(self, *args, **kwargs):
+        return type("Output", (), {"sample": self.estimate})()
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5, 0.0])
+def test_dream_update_is_diffusers_formula(scheduler, sample, p):
+    """Input and target as diffusers' compute_dream_and_update_latents moves them, for an estimate that misses."""
+    from diffusers.training_utils import compute_dream_and_update_latents
+
+    x0, noise, t = sample
+    x_t = objective.add_noise(x0, noise, t, scheduler.alphas_cumprod)
+    estimate = noise + 0.3 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(7))
+    ours = objective.dream_update(x_t, noise, estimate, t, scheduler.alphas_cumprod, p)
+    theirs = compute_dream_and_update_latents(_FixedEstimate(estimate), scheduler, t, noise, x_t, noise,
+                                              torch.zeros(6, 1, 1), p)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours[0], x_t)  # the estimate missed: the input moved
+    # a perfect estimate moves nothing
+    still = objective.dream_update(x_t, noise, noise, t, scheduler.alphas_cumprod, p)
+    torch.testing.assert_close(still[0], x_t)
+    torch.testing.assert_close(still[1], noise)
+
+
+def test_step_loss_and_gradients_with_dream_are_diffusers_loop(tiny_pipeline):
+    """train_step.compute_loss with DREAM (after offset noise and input perturbation, with min-SNR) gives the loss
+    and the UNet gradients of diffusers' training loop written out: its add_noise, compute_dream_and_update_latents
+    with the same UNet, the prediction, the min-SNR-weighted MSE. The estimate carries no gradient in either."""
+    from diffusers.training_utils import compute_dream_and_update_latents
+
+    from xla_diffusion.models import load_models
+    from xla_diffusion.train_step import StepConfig, compute_loss
+
+    models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
+    unet, sched = models.unet.train(), models.noise_scheduler
+    g = torch.Generator().manual_seed(8)
+    shape = (2, 4, 16, 16)
+    batch = {"latents": torch.randn(shape, generator=g), "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
+             "noise": torch.randn(shape, generator=g), "timesteps": torch.tensor([30, 800]),
+             "offset_draw": torch.randn(2, 4, 1, 1, generator=g), "perturbation_draw": torch.randn(shape, generator=g)}
+    cfg = StepConfig(prediction_type="epsilon", snr_gamma=5.0, max_grad_norm=0.0, bf16=False, scaling_factor=1.0,
+                     noise_offset=0.1, input_perturbation=0.2, dream_detail_preservation=1.0)
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        unet.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    ours = compute_loss(unet, None, None, batch, sched.alphas_cumprod.float(), cfg)
+    our_grads = gradients(ours)
+    t, hidden = batch["timesteps"], batch["encoder_hidden_states"]
+    noise = batch["noise"] + 0.1 * batch["offset_draw"]
+    noisy = sched.add_noise(batch["latents"], noise + 0.2 * batch["perturbation_draw"], t)
+    noisy, target = compute_dream_and_update_latents(unet, sched, t, noise, noisy, noise, hidden, 1.0)
+    pred = unet(noisy, t, hidden).sample
+    snr = compute_snr(sched, t)
+    weight = torch.clamp(snr, max=5.0) / snr
+    expected = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+    for a, b in zip(our_grads, gradients(expected), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # DREAM changed the objective, and the validation loss (cfg.plain()) leaves it out
+    without = compute_loss(unet, None, None, batch, sched.alphas_cumprod.float(),
+                           dataclasses.replace(cfg, dream_detail_preservation=None))
+    assert not torch.isclose(ours, without)
+    assert cfg.plain().dream_detail_preservation is None
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_dream_is_refused_for_other_predictions(prediction_type):
+    """diffusers raises NotImplementedError mid-training for v-prediction; here the step config refuses it
+    (the scheduler's own prediction type is known only once the models are loaded) with one error line."""
+    from xla_diffusion.errors import ConfigError
+    from xla_diffusion.train_step import StepConfig
+
+    with pytest.raises(ConfigError, match=f"--dream_training is defined for epsilon prediction; this run trains "
+                                          f"{prediction_type}"):
+        StepConfig(prediction_type=prediction_type, snr_gamma=None, max_grad_norm=0.0, bf16=False,
+                   scaling_factor=1.0, dream_detail_preservation=1.0)

@@ -54,3 +54,20 @@ def test_empty_metadata_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_image_caption_dataset(data)
     assert str(e.value) == f"the dataset at '{tmp_path}' is empty: its metadata.jsonl has no records"
+
+
+def test_dream_is_in_the_fingerprint_only_when_on():
+    """A run with --dream_training must not resume a checkpoint trained without it, nor the reverse; checkpoints
+    written before DREAM existed (fingerprints without its fields) still resume runs without it."""
+    from xla_diffusion.checkpoint import CheckpointError, check_fingerprint
+    from xla_diffusion.config import parse_args
+    from xla_diffusion.resume import FINGERPRINT_FIELDS, run_fingerprint
+
+    base = ["--pretrained_model_name_or_path", "/m", "--train_data_dir", "/d"]
+    plain, dream = run_fingerprint(parse_args(base)), run_fingerprint(parse_args(base + ["--dream_training"]))
+    assert set(plain) == set(FINGERPRINT_FIELDS)
+    assert dream["dream_training"] is True and dream["dream_detail_preservation"] == 1.0
+    check_fingerprint("ckpt", plain, plain)
+    for saved, current in ((plain, dream), (dream, plain)):
+        with pytest.raises(CheckpointError, match=r"; dream_detail_preservation must not change when resuming"):
+            check_fingerprint("ckpt", saved, current)

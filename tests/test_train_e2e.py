@@ -5,6 +5,7 @@ The runs are started once per session by the `train_runs` fixture and inspected 
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -99,6 +100,12 @@ def test_bf16_run_reports_flops_and_mfu(train_runs):
     # the count is the one the trainer logged at start-up, encoders included
     assert f"training FLOPs per step {flops:.4g}" in train_runs.result("bf16").stderr
     assert "MFU against 1 TFLOP/s per chip" in train_runs.result("bf16").stderr
+    # --dream_training: the count holds DREAM's extra forward, the parts add up to the total per image
+    parts = re.search(r"per image (\S+): UNet forward\+backward (\S+), DREAM forward (\S+), VAE encoder (\S+), "
+                      r"text encoder ([^)]+)\)", train_runs.result("bf16").stderr)
+    per_image, unet, dream, vae, text = (float(v) for v in parts.groups())
+    assert 0 < dream < unet / 2  # a forward, beside forward + backward (the backward is about twice the forward)
+    assert per_image == pytest.approx(unet + dream + vae + text, rel=1e-3)
 
 
 def test_flash_attention_off_tpu_warns_once_and_trains(train_runs):

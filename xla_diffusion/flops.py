@@ -98,7 +98,8 @@ def images_per_s_per_chip(flops_per_image: float, peak_tflops_per_chip: float, m
 class StepFlops:
     """FLOPs of one training step over its whole (global) batch.
 
-    ``vae_enc`` and ``text_enc`` are 0 when the step trains on pre-encoded latents and text states.
+    ``vae_enc`` and ``text_enc`` are 0 when the step trains on pre-encoded latents and text states;
+    ``unet_dream`` is DREAM's extra UNet forward (without gradients), 0 without --dream_training.
     """
 
     batch: int
@@ -106,11 +107,12 @@ class StepFlops:
     unet_bwd: int
     vae_enc: int = 0
     text_enc: int = 0
+    unet_dream: int = 0
 
     @property
     def unet_train(self) -> int:
-        """UNet forward + backward."""
-        return self.unet_fwd + self.unet_bwd
+        """The UNet's work: forward + backward, and DREAM's extra forward."""
+        return self.unet_fwd + self.unet_bwd + self.unet_dream
 
     @property
     def encoders(self) -> int:
@@ -271,8 +273,10 @@ def count_train_flops(
     vae_config: Mapping[str, Any] | None = None,
     text_configs: Sequence[PretrainedConfig | Mapping[str, Any]] = (),
     vae_scale_factor: int | None = None,
+    dream: bool = False,
 ) -> StepFlops:
-    """FLOPs of one training step: UNet forward + backward, plus the encoders that run inside the step.
+    """FLOPs of one training step: UNet forward + backward, plus the encoders that run inside the step, plus
+    one more UNet forward with ``dream`` (--dream_training's estimate, made without gradients).
 
     Args:
         unet_config: the trained UNet's config.
@@ -303,4 +307,5 @@ def count_train_flops(
     if vae_config is not None:
         vae = count_vae_encoder_flops(vae_config, batch, (vae_config["in_channels"], resolution, resolution))
     text = sum(count_text_encoder_flops(c, batch, text_len) for c in text_configs)
-    return StepFlops(batch=batch, unet_fwd=fwd, unet_bwd=bwd, vae_enc=vae, text_enc=text)
+    return StepFlops(batch=batch, unet_fwd=fwd, unet_bwd=bwd, vae_enc=vae, text_enc=text,
+                     unet_dream=fwd if dream else 0)

@@ -145,6 +145,26 @@ def training_noise(
     return noise, input_noise
 
 
+def dream_update(
+    x_t: torch.Tensor,
+    noise: torch.Tensor,
+    model_pred: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    detail_preservation: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DREAM (Zhou et al. 2023, "DREAM: Diffusion Rectification and Estimation-Adaptive Models"), for epsilon
+    prediction: the model's own noise estimate `model_pred` (B, C, H, W) for x_t, made without gradients,
+    moves both the input and the target by delta = lambda * (noise - model_pred), lambda = sqrt(1 - a_t) ** p
+    (p = `detail_preservation`; the paper uses 1). Returns (x_t + sqrt(1 - a_t) * delta, noise + delta): the
+    new input and the new epsilon target, the two values diffusers' `compute_dream_and_update_latents` gives.
+    The input then carries part of the model's own error, as x_t does when sampling, where each x_t is built
+    from the model's earlier predictions."""
+    sigma = (1 - _gather(alphas_cumprod, t, x_t.ndim)).sqrt()
+    delta = (noise - model_pred.detach().to(noise.dtype)) * sigma**detail_preservation
+    return x_t + sigma * delta, noise + delta
+
+
 def diffusion_loss(
     model_pred: torch.Tensor,
     x0: torch.Tensor,

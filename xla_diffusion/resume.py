@@ -47,6 +47,13 @@ FINGERPRINT_FIELDS = (
     "snr_gamma", "p2_gamma", "p2_k", "noise_offset", "input_perturbation", "proportion_empty_prompts", "use_ema",
     "seed",
 )
+# Fingerprinted only when on: checkpoints from before DREAM existed (it was refused then) still resume without it.
+DREAM_FIELDS = ("dream_training", "dream_detail_preservation")
+
+
+def run_fingerprint(cfg: Any) -> dict[str, Any]:
+    """The config fields a resumed run must share with its checkpoint (a TrainConfig's)."""
+    return config_fingerprint(cfg, FINGERPRINT_FIELDS + (DREAM_FIELDS if cfg.dream_training else ()))
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -110,7 +117,7 @@ class RunCheckpoints:
         self.output_dir, self.every = cfg.output_dir, cfg.checkpointing_steps
         self.metrics_path = metrics_path(cfg.logging_dir, cfg.output_dir)
         self.is_main = rt.is_main_process
-        self.fingerprint = config_fingerprint(cfg, FINGERPRINT_FIELDS)
+        self.fingerprint = run_fingerprint(cfg)
         self.store = Checkpointer(cfg.output_dir, cfg.checkpoints_total_limit, mesh=rt.mesh)
         self.preemption = Preemption(rt.process_count)
         self.saved_step: int | None = None

@@ -12,6 +12,7 @@ import torch
 
 from . import objective, runtime
 from .ema import EmaWeights
+from .errors import ConfigError
 from .xla_ops import xla_friendly_ops
 
 
@@ -33,6 +34,14 @@ class StepConfig:
     p2_k: float = 1.0
     # Micro-batches per optimizer update (--gradient_accumulation_steps): the step's batch holds this many.
     accumulation_steps: int = 1
+    # DREAM's detail preservation p (objective.dream_update), or None: DREAM off. It costs one more UNet forward
+    # per step, without gradients, in the same graph.
+    dream_detail_preservation: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dream_detail_preservation is not None and self.prediction_type != "epsilon":
+            raise ConfigError(f"--dream_training is defined for epsilon prediction; this run trains "
+                              f"{self.prediction_type} (pass --prediction_type epsilon, or leave DREAM off)")
 
     @classmethod
     def for_models(cls, models: Any, prediction_type: str | None = None, snr_gamma: float | None = None,
@@ -41,7 +50,7 @@ class StepConfig:
         """The step config of `models` (a models.Models): `prediction_type` None means the scheduler's own; the
         VAE scaling is the one of the latent shards (`latents`, a LatentManifest) when training on them,
         since the step applies the scaling of the VAE that made them, else the pipeline VAE's. `options` are the
-        objective options (noise_offset, input_perturbation, p2_gamma, p2_k)."""
+        objective options (noise_offset, input_perturbation, p2_gamma, p2_k, dream_detail_preservation)."""
         vae = latents if latents is not None else models.vae_config
         shift = latents.shift_factor if latents is not None else getattr(vae, "shift_factor", None)
         return cls(
@@ -54,7 +63,8 @@ class StepConfig:
     def plain(self) -> StepConfig:
         """The unweighted objective on plain noise: what the fixed-timestep validation loss measures, so runs
         with different loss weightings or noise options compare (its batches carry no extra draws)."""
-        return dataclasses.replace(self, snr_gamma=None, p2_gamma=None, noise_offset=0.0, input_perturbation=0.0)
+        return dataclasses.replace(self, snr_gamma=None, p2_gamma=None, noise_offset=0.0, input_perturbation=0.0,
+                                   dream_detail_preservation=None)
 
 
 @dataclass
@@ -114,7 +124,9 @@ def compute_loss(
 ) -> torch.Tensor:
     """Scalar diffusion loss for one batch; the UNet runs under bf16 autocast when cfg.bf16 while its
     weights stay fp32. With cfg.noise_offset / cfg.input_perturbation the batch's `offset_draw` /
-    `perturbation_draw` shape the noise (objective.training_noise)."""
+    `perturbation_draw` shape the noise (objective.training_noise). With DREAM the UNet first estimates the
+    noise of x_t without gradients, and input and target move by what it missed (objective.dream_update),
+    in diffusers' order: after the offset and the perturbation."""
     with xla_friendly_ops():  # the VAE encoder's GroupNorms too
         latents = encode_latents(vae, batch, cfg)
         hidden = encode_text(text_encoder, batch)
@@ -125,6 +137,11 @@ def compute_loss(
         )
         noisy = objective.add_noise(latents, input_noise, t, alphas_cumprod)
         with runtime.autocast(noisy.device, cfg.bf16):
+            if cfg.dream_detail_preservation is not None:
+                with torch.no_grad():
+                    estimate = unet(noisy, t, hidden, return_dict=False)[0]
+                noisy, noise = objective.dream_update(noisy, noise, estimate, t, alphas_cumprod,
+                                                      cfg.dream_detail_preservation)
             pred = unet(noisy, t, hidden, return_dict=False)[0]
     return objective.diffusion_loss(pred, latents, noise, t, alphas_cumprod, cfg.prediction_type, cfg.snr_gamma,
                                     cfg.p2_gamma, cfg.p2_k)

@@ -163,13 +163,14 @@ def training_utilisation(cfg: TrainConfig, models: Models, batch_ndims: dict[str
         text_len=latents.text_shape[0] if latents is not None else models.tokenizer.model_max_length,
         vae_config=models.vae_config if "pixel_values" in batch_ndims else None,
         text_configs=[models.text_encoder.config] if "input_ids" in batch_ndims else (),
-        vae_scale_factor=models.vae_scale,
+        vae_scale_factor=models.vae_scale, dream=cfg.dream_training,
     )
     kind = runtime.device_kind()
     peak = cfg.peak_tflops or (peak_tflops(kind) if kind else None)
     if rt.is_main_process:
-        log.info("training FLOPs per step %.4g (per image %.4g: UNet forward+backward %.4g, VAE encoder %.4g, text "
-                 "encoder %.4g); %s", step.total, step.per_image, step.unet_train / step.batch,
+        log.info("training FLOPs per step %.4g (per image %.4g: UNet forward+backward %.4g, DREAM forward %.4g, VAE "
+                 "encoder %.4g, text encoder %.4g); %s", step.total, step.per_image,
+                 (step.unet_fwd + step.unet_bwd) / step.batch, step.unet_dream / step.batch,
                  step.vae_enc / step.batch, step.text_enc / step.batch,
                  f"MFU against {peak:g} TFLOP/s per chip" if peak else
                  f"MFU not reported: no peak known for device {kind or 'cpu'!r} (pass --peak_tflops)")
@@ -223,7 +224,8 @@ def resolve_epochs(cfg: TrainConfig, rt: runtime.Runtime, num_samples: int | Non
 def objective_options(cfg: TrainConfig) -> dict[str, Any]:
     """The objective options of StepConfig, from the config."""
     return {"noise_offset": cfg.noise_offset, "input_perturbation": cfg.input_perturbation,
-            "p2_gamma": cfg.p2_gamma, "p2_k": cfg.p2_k}
+            "p2_gamma": cfg.p2_gamma, "p2_k": cfg.p2_k,
+            "dream_detail_preservation": cfg.dream_detail_preservation if cfg.dream_training else None}
 
 
 def hub_repo_id(cfg: TrainConfig) -> str:
