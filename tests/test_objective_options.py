@@ -214,7 +214,7 @@ def test_step_loss_with_every_option_is_the_hand_computed_one(tiny_pipeline, pre
         target = noise if prediction_type == "epsilon" else batch["latents"]
         snr = compute_snr(sched, batch["timesteps"])
         weight = (1 + snr) ** -1.0 * (1 if prediction_type == "epsilon" else snr)
-        expected = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        expected = (weight * ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))).mean()
         # the validation loss measures the plain objective: no weights, plain noise (its batches have no draws)
         undrawn = {k: v for k, v in batch.items() if "draw" not in k}
         plain = compute_loss(unet, None, None, undrawn, alphas, cfg.plain())
@@ -256,10 +256,26 @@ def test_dream_update_is_diffusers_formula(scheduler, sample, p):
     torch.testing.assert_close(still[1], noise)
 
 
-def test_step_loss_and_gradients_with_dream_are_diffusers_loop(tiny_pipeline):
+class _AutocastForward(torch.nn.Module):
+    """A UNet whose every call runs in a bf16 autocast region of its own, as accelerate wraps a prepared model's
+    forward under diffusers' --mixed_precision bf16."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.unet(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_step_loss_and_gradients_with_dream_are_diffusers_loop(tiny_pipeline, bf16):
     """train_step.compute_loss with DREAM (after offset noise and input perturbation, with min-SNR) gives the loss
     and the UNet gradients of diffusers' training loop written out: its add_noise, compute_dream_and_update_latents
-    with the same UNet, the prediction, the min-SNR-weighted MSE. The estimate carries no gradient in either."""
+    with the same UNet, the prediction, the min-SNR-weighted MSE. The estimate carries no gradient in either.
+    Under bf16 autocast every weight still gets its gradient (with the no-grad estimate inside the training
+    forward's autocast region, 142 of 208 got none: the region's cached bf16 weight casts had no grad_fn)."""
     from diffusers.training_utils import compute_dream_and_update_latents
 
     from xla_diffusion.models import load_models
@@ -272,12 +288,13 @@ def test_step_loss_and_gradients_with_dream_are_diffusers_loop(tiny_pipeline):
     batch = {"latents": torch.randn(shape, generator=g), "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
              "noise": torch.randn(shape, generator=g), "timesteps": torch.tensor([30, 800]),
              "offset_draw": torch.randn(2, 4, 1, 1, generator=g), "perturbation_draw": torch.randn(shape, generator=g)}
-    cfg = StepConfig(prediction_type="epsilon", snr_gamma=5.0, max_grad_norm=0.0, bf16=False, scaling_factor=1.0,
+    cfg = StepConfig(prediction_type="epsilon", snr_gamma=5.0, max_grad_norm=0.0, bf16=bf16, scaling_factor=1.0,
                      noise_offset=0.1, input_perturbation=0.2, dream_detail_preservation=1.0)
 
     def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
         unet.zero_grad(set_to_none=True)
         loss.backward()
+        assert all(p.grad is not None for p in unet.parameters())
         return [p.grad.clone() for p in unet.parameters()]
 
     ours = compute_loss(unet, None, None, batch, sched.alphas_cumprod.float(), cfg)
@@ -285,11 +302,12 @@ def test_step_loss_and_gradients_with_dream_are_diffusers_loop(tiny_pipeline):
     t, hidden = batch["timesteps"], batch["encoder_hidden_states"]
     noise = batch["noise"] + 0.1 * batch["offset_draw"]
     noisy = sched.add_noise(batch["latents"], noise + 0.2 * batch["perturbation_draw"], t)
-    noisy, target = compute_dream_and_update_latents(unet, sched, t, noise, noisy, noise, hidden, 1.0)
-    pred = unet(noisy, t, hidden).sample
+    theirs = _AutocastForward(unet) if bf16 else unet
+    noisy, target = compute_dream_and_update_latents(theirs, sched, t, noise, noisy, noise, hidden, 1.0)
+    pred = theirs(noisy, t, hidden).sample
     snr = compute_snr(sched, t)
     weight = torch.clamp(snr, max=5.0) / snr
-    expected = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    expected = (weight * ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))).mean()
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
     for a, b in zip(our_grads, gradients(expected), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
