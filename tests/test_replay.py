@@ -42,15 +42,18 @@ def _state(rt):  # noqa: ANN001, ANN202
     return TrainState.create(net, cfg)
 
 
-def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True):  # noqa: ANN001, ANN202
+def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, frozen_bias: bool = False):  # noqa: ANN001, ANN202
     """STEPS optimizer steps through StepReplay; returns (losses, final state on the host, replay, compilations).
-    `primed=False` leaves AdamW's state to be created inside the first step."""
+    `primed=False` leaves AdamW's state to be created inside the first step; `frozen_bias` gives the output
+    layer's bias no gradient, so the step leaves it (and its AdamW moments) unchanged."""
     from xla_diffusion import runtime
     from xla_diffusion.replay import StepReplay
 
     st = _state(rt)
     if not primed:
         st.optimizer.state.clear()
+    if frozen_bias:
+        st.unet.out.bias.requires_grad_(False)
     replay = StepReplay(enabled)
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -121,6 +124,21 @@ def test_state_made_inside_the_step_falls_back_to_tracing(rt, caplog):
         losses, state, replay, _ = _run(rt, enabled=True, primed=False)
     assert replay.replayed_steps == 0 and replay.recordings == 0
     assert replay.refused == "the step leaves results outside the tensors it was given as its state"
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
+
+
+def test_state_the_step_leaves_unchanged_falls_back_to_tracing(rt, caplog):
+    """A parameter without a gradient stays as it was: the compiled graph has no output for it (nor for its
+    AdamW moments), so replay, which points each state tensor at an output, is refused and the step is traced
+    (an unchanged state tensor once crashed the next graph cut: "Execution supplied 968 buffers but compiled
+    program expected 542")."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False, frozen_bias=True)
+    with caplog.at_level(logging.WARNING, logger="xla_diffusion.replay"):
+        losses, state, replay, _ = _run(rt, enabled=True, frozen_bias=True)
+    assert replay.replayed_steps == 0
+    assert replay.refused == "the step leaves some of the tensors it was given as its state unchanged"
     assert losses == traced_losses
     for a, b in zip(state, traced):
         assert torch.equal(a, b)

@@ -138,6 +138,11 @@ class StepReplay:
                 keys.setdefault(handle, source)
             outputs = list(fn())
             roots = state + outputs
+            # the compiled graph returns only the roots it computes: a state tensor the step leaves as it was (a
+            # parameter without a gradient, say) has no output to be pointed at, and the results would pair up
+            # with the wrong tensors
+            if lazy_graph.pending_count(state) < len(state):
+                raise NotReplayable("the step leaves some of the tensors it was given as its state unchanged")
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
             # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it)
             if lazy_graph.pending_count(device=state[0].device) > lazy_graph.pending_count(roots):
