@@ -117,7 +117,7 @@ def _manifest(text_states: bool) -> LatentManifest:
      ({"latent_mean": 4, "latent_std": 4, "input_ids": 2}, False, False, True)],  # latents, ids: text encoder
 )  # fmt: skip
 def test_the_count_includes_the_encoders_the_step_runs(tiny_models, keys, text_states, vae, text):
-    cfg = SimpleNamespace(resolution=64, peak_tflops=None)
+    cfg = SimpleNamespace(resolution=64, peak_tflops=None, dream_training=False)
     latents = None if text_states is None else _manifest(text_states)
     u = training_utilisation(cfg, tiny_models, {**keys, "noise": 4, "timesteps": 1}, latents, 8, RT)
     assert (u.flops.vae_enc > 0) == vae and (u.flops.text_enc > 0) == text
@@ -126,9 +126,17 @@ def test_the_count_includes_the_encoders_the_step_runs(tiny_models, keys, text_s
 
 
 def test_peak_flag_wins(tiny_models):
-    cfg = SimpleNamespace(resolution=64, peak_tflops=123.0)
+    cfg = SimpleNamespace(resolution=64, peak_tflops=123.0, dream_training=False)
     u = training_utilisation(cfg, tiny_models, {"pixel_values": 4, "input_ids": 2}, None, 8, RT)
     assert u.peak_tflops == 123.0
+
+
+def test_the_count_includes_dreams_forward(tiny_models):
+    keys = {"latent_mean": 4, "latent_std": 4, "encoder_hidden_states": 3}
+    plain, dream = (training_utilisation(SimpleNamespace(resolution=64, peak_tflops=None, dream_training=on),
+                                         tiny_models, keys, _manifest(True), 8, RT).flops for on in (False, True))
+    assert plain.unet_dream == 0 and dream.unet_dream == dream.unet_fwd == plain.unet_fwd > 0
+    assert dream.total == plain.total + plain.unet_fwd
 
 
 def test_device_kind_is_none_on_cpu():
