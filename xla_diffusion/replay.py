@@ -31,6 +31,7 @@ from . import lazy_graph, runtime
 log = logging.getLogger(__name__)
 
 RECORDINGS = 2  # steps recorded, and compared, before replay starts
+HELD_STEPS = 2  # replayed steps whose outputs stay referenced (see _replay): how far the host may run ahead
 
 
 class NotReplayable(Exception):
@@ -96,6 +97,7 @@ class StepReplay:
         self.replayed_steps = 0
         self.refused: str | None = None
         self._is_param: list[bool] = []
+        self._held: list[list[torch.Tensor]] = []
 
     @property
     def replaying(self) -> bool:
@@ -201,5 +203,10 @@ class StepReplay:
         results = lazy_graph.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
         n = len(state)
         self._adopt(state, results[:n])
+        # Hold the outputs of the last steps: releasing the last reference to a buffer that was donated to a
+        # graph still running waits for that graph, so re-pointing the state at step n's outputs would drop
+        # step n-1's (the running step's inputs) and block the host until the devices were done, every step.
+        self._held.append(results)
+        del self._held[:-HELD_STEPS]
         self.replayed_steps += 1
         return list(results[n:])
