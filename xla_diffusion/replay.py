@@ -117,6 +117,7 @@ class StepReplay:
 
     def _refuse(self, reason: str) -> None:
         self.refused = reason
+        self._held.clear()  # traced steps from here on: older outputs would only pin memory
         log.warning("--step_graph replay: the step is traced every step instead: %s", reason)
 
     @staticmethod
