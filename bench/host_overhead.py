@@ -92,7 +92,7 @@ class Timers:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from xla_diffusion import lazy_graph, runtime, trainer
+    from xla_diffusion import runtime, trainer
     from xla_diffusion.config import parse_args
     from xla_diffusion.monitor import StepMonitor
     from xla_diffusion.replay import StepReplay
@@ -146,7 +146,7 @@ def worker(args: argparse.Namespace) -> dict:
         wait_for_device()
 
     runtime.add_step_closure, runtime.sync = timed_closure, sync_then_wait
-    run_compiled = lazy_graph.run_compiled
+    run_compiled = runtime.run_compiled
 
     def run_then_wait(*a):
         out = run_compiled(*a)
@@ -155,7 +155,7 @@ def worker(args: argparse.Namespace) -> dict:
         wait_for_device()
         return out
 
-    lazy_graph.run_compiled = run_then_wait
+    runtime.run_compiled = run_then_wait
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
     StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)

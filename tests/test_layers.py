@@ -10,7 +10,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = "xla_diffusion"
 APPS = ("data_prep", "eval", "bench")
-XLA_LAYER = {"xla_diffusion.runtime", "xla_diffusion.sharding", "xla_diffusion.lazy_graph"}
+XLA_LAYER = {"xla_diffusion.runtime", "xla_diffusion.sharding"}
 
 
 def project_modules(root: str = ROOT) -> dict[str, str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import lazy_graph, runtime
+from . import runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ class NotReplayable(Exception):
 def _buffer_handle(t: torch.Tensor) -> int:
     """Handle of the device buffer a graph reading `t` takes as its input (for a tensor whose value is a
     pending reference to another buffer, that buffer)."""
-    _, values = lazy_graph.graph_inputs([t])
+    _, values = runtime.graph_inputs([t])
     if len(values) != 1:
         raise NotReplayable("an input of the step holds a pending computation")
-    return lazy_graph.buffer_handles(values)[0]
+    return runtime.buffer_handles(values)[0]
 
 
 @dataclass
@@ -130,7 +130,7 @@ class StepReplay:
         it through the cache. Whatever makes replay unsafe leaves the traced step to the caller's graph cut."""
         outputs: list[torch.Tensor] | None = None
         try:
-            lazy_graph.materialise(state + inputs)
+            runtime.materialise(state + inputs)
             runtime.wait_device_ops()  # no buffer is in flight: their handles are read below
             keys: dict[int, tuple[str, int]] = {}
             for i, t in enumerate(state + inputs):
@@ -144,16 +144,16 @@ class StepReplay:
             # the compiled graph returns only the roots it computes: a state tensor the step leaves as it was (a
             # parameter without a gradient, say) has no output to be pointed at, and the results would pair up
             # with the wrong tensors
-            if lazy_graph.pending_count(state) < len(state):
+            if runtime.pending_count(state) < len(state):
                 raise NotReplayable("the step leaves some of the tensors it was given as its state unchanged")
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
             # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it)
-            if lazy_graph.pending_count(device=state[0].device) > lazy_graph.pending_count(roots):
+            if runtime.pending_count(device=state[0].device) > runtime.pending_count(roots):
                 raise NotReplayable("the step leaves results outside the tensors it was given as its state")
-            ids, values = lazy_graph.graph_inputs(roots)
-            if lazy_graph.device_seed_id() in ids:
+            ids, values = runtime.graph_inputs(roots)
+            if runtime.device_seed_id() in ids:
                 raise NotReplayable("the step draws random numbers on the device")
-            handles = lazy_graph.buffer_handles(values)
+            handles = runtime.buffer_handles(values)
             sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
             const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
             rec = _Recording(b"", sources, const_handles, self._signature(inputs), len(state), len(inputs))
@@ -166,19 +166,19 @@ class StepReplay:
             return outputs if outputs is not None else list(fn())
         for (kind, _), value in zip(sources, values):
             if kind == "state":
-                lazy_graph.donate(value)
-        rec.graph_hash = lazy_graph.compile_graph(roots)
+                runtime.donate(value)
+        rec.graph_hash = runtime.compile_graph(roots)
         if first is not None and rec.graph_hash != first.graph_hash:
             self._refuse("two recordings of the step gave different graphs")
         if first is None:
             self.recording = rec
             self._is_param = [isinstance(t, torch.nn.Parameter) for t in state]
         self.recordings += 1
-        results = lazy_graph.run_compiled(rec.graph_hash, values)
+        results = runtime.run_compiled(rec.graph_hash, values)
         self._adopt(roots, results)
         # Turn tensors that reference a buffer through a pending device-data node into plain buffer handles
         # (nothing else is pending: checked above).
-        lazy_graph.drop_pending(state[0].device)
+        runtime.drop_pending(state[0].device)
         return outputs
 
     def _adopt(self, roots: list[torch.Tensor], results: list[torch.Tensor]) -> None:
@@ -193,15 +193,15 @@ class StepReplay:
             else:
                 others.append(t)
                 values.append(r)
-        lazy_graph.repoint_all(others, values)
+        runtime.repoint_all(others, values)
 
     def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         rec = self.recording
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
-        lazy_graph.materialise(state + inputs)
+        runtime.materialise(state + inputs)
         # No donation flags here: they only shape the compiled graph (its input/output aliasing, set when it was
         # recorded); PJRT donates the aliased state buffers on every run of that executable, flagged or not.
-        results = lazy_graph.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
+        results = runtime.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
         n = len(state)
         self._adopt(state, results[:n])
         # Hold the outputs of the last steps: releasing the last reference to a buffer that was donated to a
