@@ -10,6 +10,8 @@ import logging
 import pytest
 import torch
 
+from xla_diffusion.replay import HELD_STEPS
+
 pytestmark = pytest.mark.slow
 
 STEPS = 6
@@ -100,6 +102,21 @@ def test_replayed_steps_equal_traced_steps_bit_for_bit(rt):
         assert torch.equal(a, b)
     # one graph each: the replayed one is compiled once (or found in the cache), never per step
     assert traced_compiles == 1 and compiles <= 1
+    # the outputs of the last HELD_STEPS replayed steps stay referenced (the running step's donated inputs)
+    assert [len(r) for r in replay._held] == [len(state) + 1] * HELD_STEPS
+
+
+def test_replay_without_held_outputs_is_the_same_step(rt, monkeypatch):
+    """HELD_STEPS = 0 (what bench/replay_overlap.py compares against): nothing held, the same results."""
+    from xla_diffusion import replay as replay_module
+
+    traced_losses, traced, _, _ = _run(rt, enabled=False)
+    monkeypatch.setattr(replay_module, "HELD_STEPS", 0)
+    losses, state, replay, _ = _run(rt, enabled=True)
+    assert replay.replayed_steps == STEPS - 2 and replay._held == []
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
 
 
 def test_an_undeclared_changing_value_falls_back_to_tracing(rt, caplog):

@@ -208,6 +208,6 @@ class StepReplay:
         # graph still running waits for that graph, so re-pointing the state at step n's outputs would drop
         # step n-1's (the running step's inputs) and block the host until the devices were done, every step.
         self._held.append(results)
-        del self._held[:-HELD_STEPS]
+        del self._held[: len(self._held) - HELD_STEPS]  # (not [:-HELD_STEPS]: with 0 that would keep them all)
         self.replayed_steps += 1
         return list(results[n:])
