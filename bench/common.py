@@ -23,11 +23,18 @@ def cpu_env(devices: int) -> dict[str, str]:
 
 
 def train_summary(data: str, pipeline: str, out: str, steps: int, warmup: int, batch: int, devices: int,
-                  extra: list[str] | None = None) -> dict:
+                  extra: list[str] | None = None, before: str | None = None) -> dict:
     """Run the trainer CLI (64 px, center crop, bf16) on `data` (image folder or latent dataset) and return its
-    train_summary.json; the mean step time is the trainer's own, over the steps after `warmup`."""
+    train_summary.json; the mean step time is the trainer's own, over the steps after `warmup`. `before`:
+    Python source run in the trainer's process before the script (a bench's variant of a module constant)."""
+    script = os.path.join(ROOT, "train_text_to_image_xla.py")
+    if before is None:
+        runner = [sys.executable, script]
+    else:
+        run_script = f"import runpy, sys\nsys.argv[0] = {script!r}\nrunpy.run_path({script!r}, run_name='__main__')"
+        runner = [sys.executable, "-c", f"{before}\n{run_script}"]
     cmd = [
-        sys.executable, os.path.join(ROOT, "train_text_to_image_xla.py"),
+        *runner,
         "--pretrained_model_name_or_path", pipeline, "--train_data_dir", data, "--resolution", "64",
         "--center_crop", "--train_batch_size", str(batch), "--max_train_steps", str(steps),
         "--timing_warmup_steps", str(warmup), "--logging_steps", str(steps), "--mixed_precision", "bf16",
@@ -55,11 +62,12 @@ def prepare(work: str, num_images: int, devices: int) -> tuple[str, str, str]:
     return pipeline, os.path.join(work, "data", "train"), os.path.join(work, "data", "latents")
 
 
-def trainer_parser(doc: str, devices: int, num_images: int | None = None) -> argparse.ArgumentParser:
+def trainer_parser(doc: str, devices: int, num_images: int | None = None, steps: int = 30,
+                   warmup: int = 5) -> argparse.ArgumentParser:
     """The flags of the benchmarks that time trainer runs (steps, warm-up, batch, device count)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--batch", type=int, default=16, help="global batch (one host)")
     p.add_argument("--devices", type=int, nargs="+", default=[devices])
     if num_images is not None:
