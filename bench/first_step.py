@@ -11,7 +11,10 @@ in-memory compilation cache is per process) and does what the trainer's loop doe
 
 Per step: trace = the Python `train_step` call (lazy tensors record the graph); graph cut = `sync()`, which
 lowers the graph, compiles it on a cache miss and launches it; XLA compile = torch_xla's CompileTime metric
-within it; execute = waiting for the devices after the cut; step = their sum (wall clock). Wall clock counts
+within it, split into XLA's CPU backend (code generation through LLVM, the time XLA's `cpu_compiler` logs for
+each graph it compiles; read from the worker's log) and the rest: the target-independent HLO passes (SPMD
+partitioning, simplification, layout), which a TPU compile runs too, before its own backend; execute =
+waiting for the devices after the cut; step = their sum (wall clock). Wall clock counts
 whatever else the machine runs (and any time the process is stopped); the CPU columns are this process's CPU
 time in trace and graph cut (XLA compiles in the cutting thread and its helpers), which does not.
 
@@ -23,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +47,25 @@ def narrow_sd2_base_config(divide: int) -> dict:
     return {**SD2_BASE_UNET, "block_out_channels": [c // divide for c in SD2_BASE_UNET["block_out_channels"]],
             "cross_attention_dim": SD2_BASE_UNET["cross_attention_dim"] // divide,
             "norm_num_groups": SD2_BASE_UNET["norm_num_groups"] // divide}
+
+
+# XLA's CPU compiler logs its backend time per graph at verbosity 1 (cpu_compiler.cc):
+#   "Compiling [SyncTensorsGraph.81989] for CPU using JIT time: 1.53 min (91730595 us) (cumulative: ...)"
+BACKEND_LOG = re.compile(r"Compiling \[[^\]]*\] for CPU using JIT time: .*?\((\d+) us\)")
+STEP_MARK = re.compile(r"^  (\w+) step (\d+): ")
+LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "cpu_compiler=1"}
+
+
+def backend_seconds_per_step(log: str) -> dict[int, float]:
+    """{step: seconds of XLA CPU backend compilation} from a worker's stderr: the backend lines logged before
+    the worker's "  <variant> step <n>: ..." line belong to step n."""
+    per_step, pending = {}, 0.0
+    for line in log.splitlines():
+        if m := BACKEND_LOG.search(line):
+            pending += int(m.group(1)) / 1e6
+        elif m := STEP_MARK.match(line):
+            per_step[int(m.group(2))], pending = pending, 0.0
+    return per_step
 
 
 def worker(variant: str, args: argparse.Namespace) -> dict:
@@ -112,34 +136,55 @@ def main() -> None:
     results = {}
     for variant in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant] + sys.argv[1:]
-        r = subprocess.run(cmd, env=cpu_env(args.devices), cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
-        results[variant] = json.loads(r.stdout.strip().splitlines()[-1])
+        # the worker's stdout (its JSON) goes to a file, so that reading its log (stderr) as it comes cannot
+        # dead-lock on a full stdout pipe
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, env={**cpu_env(args.devices), **LOG_ENV}, cwd=ROOT, stdout=out,
+                                    stderr=subprocess.PIPE, text=True)
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if STEP_MARK.match(line):  # its progress, as it comes
+                    print(line, end="", file=sys.stderr, flush=True)
+            proc.wait()
+            out.seek(0)
+            stdout = out.read()
+        text = "".join(lines)
+        if proc.returncode:
+            sys.exit(f"{variant}: the worker failed (exit {proc.returncode}); the end of its log:\n"
+                     + "\n".join(text.splitlines()[-5:]))
+        results[variant] = json.loads(stdout.strip().splitlines()[-1])
+        backend = backend_seconds_per_step(text)
+        for row in results[variant]["rows"]:
+            row["backend_s"] = backend.get(row["step"], 0.0)
     params = next(iter(results.values()))["params"]
     print(command_line())
     print(f"UNet: SD2-base structure, channel widths / {args.divide} ({params / 1e6:.1f}M parameters); latents "
           f"4x{args.latent}x{args.latent}, text 77x{1024 // args.divide}, global batch {args.batch}, bf16 autocast, "
           f"{args.devices} CPU devices; load average at the end {os.getloadavg()[0]:.1f}")
     print()
-    print("| optimizer state | step | trace (s) | graph cut (s) | of which XLA compile (s) | execute (s) | step (s) "
-          "| trace CPU (s) | graph cut CPU (s) | compilations |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| optimizer state | step | trace (s) | graph cut (s) | of which XLA compile (s) | compile: HLO passes (s) "
+          "| compile: CPU backend (s) | execute (s) | step (s) | trace CPU (s) | graph cut CPU (s) | compilations |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, res in results.items():
         for r in res["rows"]:
             print(f"| {VARIANTS[variant]} | {r['step']} | {r['trace_s']:.1f} | {r['cut_s']:.1f} | {r['compile_s']:.1f} "
+                  f"| {r['compile_s'] - r['backend_s']:.1f} | {r['backend_s']:.1f} "
                   f"| {r['execute_s']:.1f} | {r['step_s']:.1f} | {r['trace_cpu_s']:.1f} | {r['cut_cpu_s']:.1f} "
                   f"| {r['compilations']} |")
     print()
-    print("| optimizer state | step compilations | time to the first steady step (s) | its trace + cut CPU time (s) "
-          "| losses per step |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    print("| optimizer state | step compilations | time to the first steady step (s) | of which XLA's CPU backend (s) "
+          "| its trace + cut CPU time (s) | losses per step |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for variant, res in results.items():
         rows = res["rows"]
         # the first steady step is the last one that compiled: everything up to its end is start-up
         first_steady = max((i for i, r in enumerate(rows) if r["compilations"]), default=0)
         start = rows[: first_steady + 1]
         losses = ", ".join(f"{r['loss']:.6f}" for r in rows)
+        cpu = sum(r["trace_cpu_s"] + r["cut_cpu_s"] for r in start)
         print(f"| {VARIANTS[variant]} | {sum(r['compilations'] for r in rows)} | {sum(r['step_s'] for r in start):.1f} "
-              f"| {sum(r['trace_cpu_s'] + r['cut_cpu_s'] for r in start):.1f} "
+              f"| {sum(r['backend_s'] for r in start):.1f} | {cpu:.1f} "
               f"| {losses} |")
 
 
