@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .cli import OneLineParser
-from .errors import ConfigError, UserError, check  # noqa: F401 (ConfigError: re-exported for callers)
+from .config_checks import (  # noqa: F401 (the choices: re-exported for callers)
+    INTERPOLATION_MODES,
+    MIXED_PRECISION,
+    MIXED_PRECISION_FLAGS,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    STEP_GRAPHS,
+    compatibility_warnings,
+    validate,
+)
+from .errors import ConfigError, UserError  # noqa: F401 (ConfigError: re-exported for callers)
 from .optim import LR_SCHEDULERS
-from .tracking import resolve_report_to
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names (objective.PREDICTION_TYPES)
-MIXED_PRECISION = ("no", "bf16")
-MIXED_PRECISION_FLAGS = ("no", "fp16", "bf16")  # diffusers' choices: fp16 is refused with a reason
-STEP_GRAPHS = ("replay", "trace")  # --step_graph (replay.StepReplay)
-# torchvision's InterpolationMode names, the choices of diffusers' --image_interpolation_mode
-INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
-SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # sampling.SCHEDULERS' names
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -285,94 +286,11 @@ class TrainConfig:
             self.validation_prompts = prompts[0] if len(prompts) == 1 else (prompts or None)
         if self.enable_xformers_memory_efficient_attention:
             self.enable_flash_attention = True
-        check([
-            (self.dataset_name is None and self.train_data_dir is None,
-             "pass --dataset_name or --train_data_dir"),
-            (self.train_batch_size < 1, "--train_batch_size must be >= 1"),
-            (self.max_train_steps is not None and self.max_train_steps < 1, "--max_train_steps must be >= 1"),
-            (self.num_train_epochs < 1, "--num_train_epochs must be >= 1"),
-            (self.resolution < 8 or self.resolution % 8, "--resolution must be a positive multiple of 8"),
-            (self.learning_rate <= 0, "--learning_rate must be > 0"),
-            (self.lr_warmup_steps < 0, "--lr_warmup_steps must be >= 0"),
-            (not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)"),
-            (self.snr_gamma is not None and self.snr_gamma <= 0, "--snr_gamma must be > 0"),
-            (not 0 <= self.ema_decay < 1, "--ema_decay must be in [0, 1)"),
-            (not 0 <= self.proportion_empty_prompts < 1, "--proportion_empty_prompts must be in [0, 1)"),
-            (self.fsdp_size < 1, "--fsdp_size must be >= 1"),
-            (self.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
-            (self.peak_tflops is not None and self.peak_tflops <= 0, "--peak_tflops must be > 0"),
-            (self.logging_steps < 1, "--logging_steps must be >= 1"),
-            (self.max_compilations < 1, "--max_compilations must be >= 1"),
-            (self.dataloader_num_workers < 0, "--dataloader_num_workers must be >= 0"),
-            (self.shuffle_buffer_size < 1, "--shuffle_buffer_size must be >= 1"),
-            (self.validation_steps < 0 or self.eval_steps < 0, "--validation_steps and --eval_steps must be >= 0"),
-            (self.validation_steps > 0 and not self.validation_prompts,
-             "--validation_steps needs --validation_prompts"),
-            (self.validation_epochs is not None and self.validation_steps > 0,
-             "pass one of --validation_steps and --validation_epochs"),
-            (self.validation_epochs is not None and self.validation_epochs < 1, "--validation_epochs must be >= 1"),
-            (self.validation_epochs is not None and not self.validation_prompts,
-             "--validation_epochs needs --validation_prompts"),
-            (self.num_validation_images < 1, "--num_validation_images must be >= 1"),
-            (self.validation_num_inference_steps < 1, "--validation_num_inference_steps must be >= 1"),
-            (self.validation_scheduler not in SAMPLERS, f"--validation_scheduler must be one of {', '.join(SAMPLERS)}"),
-            (not 0 < self.eval_fraction < 1, "--eval_fraction must be in (0, 1)"),
-            (self.eval_timesteps < 1, "--eval_timesteps must be >= 1"),
-            (self.max_eval_samples is not None and self.max_eval_samples < 1, "--max_eval_samples must be >= 1"),
-            (self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES,
-             f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"),
-            (self.mixed_precision == "fp16",
-             "--mixed_precision fp16: TPUs compute in bf16, pass --mixed_precision bf16"),
-            (self.mixed_precision not in MIXED_PRECISION,
-             f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}"),
-            (self.checkpointing_steps < 0, "--checkpointing_steps must be >= 0"),
-            (self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1,
-             "--checkpoints_total_limit must be >= 1"),
-            (self.lr_scheduler not in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
-        ])
-        self._check_ecosystem_flags()
-
-    def _check_ecosystem_flags(self) -> None:
-        """The objective options, trackers, hub and diffusers-compatibility flags (one error line each)."""
-        check([
-            (self.noise_offset < 0 or self.input_perturbation < 0,
-             "--noise_offset and --input_perturbation must be >= 0"),
-            (self.p2_gamma is not None and self.p2_gamma < 0, "--p2_gamma must be >= 0"),
-            (self.p2_k <= 0, "--p2_k must be > 0"),
-            (self.p2_gamma is not None and self.snr_gamma is not None,
-             "--snr_gamma and --p2_gamma are two loss weightings: pass one"),
-            (not self.push_to_hub and (self.hub_model_id or self.hub_private_repo or self.hub_revision),
-             "--hub_model_id, --hub_private_repo and --hub_revision need --push_to_hub"),
-            (self.push_to_hub and self.hub_model_id is not None and not self.hub_model_id.strip(),
-             "--hub_model_id must not be empty"),
-            (self.push_to_hub and "://" in self.output_dir,
-             "--push_to_hub uploads a local --output_dir; this one is remote"),
-            (self.loader_prefetch_factor < 1, "--loader_prefetch_factor must be >= 1"),
-            (self.measure_start_step is not None and self.measure_start_step < 0, "--measure_start_step must be >= 0"),
-            (self.image_interpolation_mode not in INTERPOLATION_MODES,
-             f"--image_interpolation_mode must be one of {', '.join(INTERPOLATION_MODES)}"),
-            (self.dream_training and self.prediction_type not in (None, "epsilon"),
-             f"--dream_training is defined for epsilon prediction, not --prediction_type {self.prediction_type}"),
-            (self.dream_detail_preservation < 0, "--dream_detail_preservation must be >= 0"),
-        ])
-        resolve_report_to(self.report_to)  # an unknown value or a missing package: one TrackerError line
+        validate(self)
 
     def compatibility_warnings(self) -> list[str]:
         """One line per given diffusers flag that means nothing here but is harmless to ignore."""
-        ignored = [
-            (self.local_rank != -1, "--local_rank is ignored: one process per host drives all its chips (no torchrun)"),
-            (self.allow_tf32, "--allow_tf32 is ignored: TF32 is an Nvidia GPU format, TPUs compute in bf16/fp32"),
-            (self.use_8bit_adam, "--use_8bit_adam is ignored: bitsandbytes is CUDA-only; AdamW keeps its state in "
-                                 "fp32 (the same update, more memory; shard it with --fsdp_size)"),
-            (self.foreach_ema, "--foreach_ema is ignored: the EMA update is already fused into the step's graph"),
-            (self.offload_ema, "--offload_ema is ignored: the moving average stays on the devices"),
-            (self.non_ema_revision is not None and self.use_ema and self.non_ema_revision != self.revision,
-             "--non_ema_revision with --use_ema: the moving average starts from the --non_ema_revision weights "
-             "(diffusers starts it from --revision's)"),
-            (self.dream_detail_preservation != 1.0 and not self.dream_training,
-             "--dream_detail_preservation is ignored without --dream_training"),
-        ]
-        return [message for given, message in ignored if given]
+        return compatibility_warnings(self)
 
     @property
     def eval_heldout_fraction(self) -> float:
