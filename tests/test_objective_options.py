@@ -188,6 +188,16 @@ def test_options_without_draws_are_refused(sample):
 # ------------------------------------------------------------------------------- in the training step
 
 
+def _pre_encoded_batch(seed: int, timesteps: list[int]) -> dict[str, torch.Tensor]:
+    """A host batch of 2 for the tiny UNet (4x16x16 latents, 16x32 text states) with the host draws of offset
+    noise and input perturbation."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 4, 16, 16)
+    return {"latents": torch.randn(shape, generator=g), "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
+            "noise": torch.randn(shape, generator=g), "timesteps": torch.tensor(timesteps),
+            "offset_draw": torch.randn(2, 4, 1, 1, generator=g), "perturbation_draw": torch.randn(shape, generator=g)}
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_step_loss_with_every_option_is_the_hand_computed_one(tiny_pipeline, prediction_type):
     """train_step.compute_loss with offset noise, input perturbation and P2 from the batch's host draws equals
@@ -198,11 +208,7 @@ def test_step_loss_with_every_option_is_the_hand_computed_one(tiny_pipeline, pre
 
     models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
     unet, sched = models.unet.eval(), models.noise_scheduler
-    g = torch.Generator().manual_seed(5)
-    shape = (2, 4, 16, 16)
-    batch = {"latents": torch.randn(shape, generator=g), "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
-             "noise": torch.randn(shape, generator=g), "timesteps": torch.tensor([10, 700]),
-             "offset_draw": torch.randn(2, 4, 1, 1, generator=g), "perturbation_draw": torch.randn(shape, generator=g)}
+    batch = _pre_encoded_batch(seed=5, timesteps=[10, 700])
     cfg = StepConfig(prediction_type=prediction_type, snr_gamma=None, max_grad_norm=0.0, bf16=False,
                      scaling_factor=1.0, noise_offset=0.1, input_perturbation=0.2, p2_gamma=1.0, p2_k=1.0)
     alphas = sched.alphas_cumprod.float()
@@ -283,11 +289,7 @@ def test_step_loss_and_gradients_with_dream_are_diffusers_loop(tiny_pipeline, bf
 
     models = load_models(tiny_pipeline, load_vae=False, load_text_encoder=False)
     unet, sched = models.unet.train(), models.noise_scheduler
-    g = torch.Generator().manual_seed(8)
-    shape = (2, 4, 16, 16)
-    batch = {"latents": torch.randn(shape, generator=g), "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
-             "noise": torch.randn(shape, generator=g), "timesteps": torch.tensor([30, 800]),
-             "offset_draw": torch.randn(2, 4, 1, 1, generator=g), "perturbation_draw": torch.randn(shape, generator=g)}
+    batch = _pre_encoded_batch(seed=8, timesteps=[30, 800])
     cfg = StepConfig(prediction_type="epsilon", snr_gamma=5.0, max_grad_norm=0.0, bf16=bf16, scaling_factor=1.0,
                      noise_offset=0.1, input_perturbation=0.2, dream_detail_preservation=1.0)
 
