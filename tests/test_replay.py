@@ -44,10 +44,13 @@ def _state(rt):  # noqa: ANN001, ANN202
     return TrainState.create(net, cfg)
 
 
-def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, frozen_bias: bool = False):  # noqa: ANN001, ANN202
+def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, frozen_bias: bool = False,  # noqa: ANN001, ANN202
+         cut_when_needed: bool = False):
     """STEPS optimizer steps through StepReplay; returns (losses, final state on the host, replay, compilations).
     `primed=False` leaves AdamW's state to be created inside the first step; `frozen_bias` gives the output
-    layer's bias no gradient, so the step leaves it (and its AdamW moments) unchanged."""
+    layer's bias no gradient, so the step leaves it (and its AdamW moments) unchanged. The graph is cut after
+    every step (a closure reads each loss), or with `cut_when_needed` only when `replay.cut_needed` says so
+    (no closures: the losses are read at the end), checking that nothing is left pending when it does not."""
     from xla_diffusion import runtime
     from xla_diffusion.replay import StepReplay
 
@@ -78,9 +81,17 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
 
         [loss] = replay(step_fn, st.step_tensors(), [batch["x"], batch["y"]] + st.step_scalars())
         st.step += 1
-        runtime.add_step_closure(lambda v: losses.append(float(v)), (loss,))
-        runtime.sync()
+        if not cut_when_needed:
+            runtime.add_step_closure(lambda v: losses.append(float(v)), (loss,))
+            runtime.sync()
+            continue
+        losses.append(loss)
+        if replay.cut_needed(closures=False):
+            runtime.sync()
+        else:
+            assert runtime.pending_count(device=rt.device) == 0  # what the skipped cut would have launched
     runtime.wait_device_ops()
+    losses = [float(v) for v in losses]
     host = [t.detach().cpu().clone() for t in st.step_tensors()]
     return losses, host, replay, runtime.compile_count() - n0
 
@@ -104,6 +115,18 @@ def test_replayed_steps_equal_traced_steps_bit_for_bit(rt):
     assert traced_compiles == 1 and compiles <= 1
     # the outputs of the last HELD_STEPS replayed steps stay referenced (the running step's donated inputs)
     assert [len(r) for r in replay._held] == [len(state) + 1] * HELD_STEPS
+
+
+def test_replayed_steps_need_no_graph_cut(rt):
+    """After a replayed step nothing is pending, so the caller skips the graph cut (a walk over every live
+    tensor); the steps still equal the traced ones, and the recorded graph is the only compilation."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False)
+    losses, state, replay, compiles = _run(rt, enabled=True, cut_when_needed=True)
+    assert replay.replayed_steps == STEPS - 2 and replay.replayed_last
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
+    assert compiles <= 1
 
 
 def test_replay_without_held_outputs_is_the_same_step(rt, monkeypatch):

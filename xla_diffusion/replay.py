@@ -86,7 +86,7 @@ class StepReplay:
     - `inputs`: the tensors holding this step's read-only values (batch, device scalars), with the same shapes,
       dtypes and shardings on every call.
 
-    With `enabled=False` it only calls `fn()`. The caller still cuts the graph after each step
+    With `enabled=False` it only calls `fn()`. The caller cuts the graph after a step when `cut_needed` says so
     (`runtime.sync`): that runs its step closures, and launches the traced step while not replaying.
     """
 
@@ -96,6 +96,9 @@ class StepReplay:
         self.recordings = 0
         self.replayed_steps = 0
         self.refused: str | None = None
+        # True when the last call ran the recorded graph: nothing of the step is pending, so the caller's graph
+        # cut has nothing to launch (see `cut_needed`)
+        self.replayed_last = False
         self._is_param: list[bool] = []
         self._held: list[list[torch.Tensor]] = []
 
@@ -103,8 +106,19 @@ class StepReplay:
     def replaying(self) -> bool:
         return self.enabled and self.refused is None and self.recordings >= RECORDINGS
 
+    def cut_needed(self, closures: bool) -> bool:
+        """Whether the caller must cut the graph after the step just called: always after a traced or recorded
+        step (the cut launches it), and after a replayed one only when step closures wait for a cut.
+
+        A replayed step launched its compiled graph itself and leaves nothing pending, so a cut would only walk
+        every live device tensor: with the state and the held outputs that is ~10k tensors for SD2-base's UNet,
+        ~37 ms of host CPU per step (bench/host_overhead.py). The caller still cuts after work of its own
+        outside the step (evaluation, checkpoints)."""
+        return closures or not self.replayed_last
+
     def __call__(self, fn: Callable[[], Sequence[torch.Tensor]], state: Sequence[torch.Tensor],
                  inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.replayed_last = False
         if not self.enabled or self.refused is not None:
             return list(fn())
         if self.replaying:
@@ -210,4 +224,5 @@ class StepReplay:
         self._held.append(results)
         del self._held[: len(self._held) - HELD_STEPS]  # (not [:-HELD_STEPS]: with 0 that would keep them all)
         self.replayed_steps += 1
+        self.replayed_last = True
         return list(results[n:])

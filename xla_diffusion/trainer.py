@@ -273,6 +273,7 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
     stopped it (after checkpointing)."""
     replay = replay if replay is not None else StepReplay(enabled=False)
     profiler = runtime.Profiler(cfg.profile_dir, cfg.profile_start_step, cfg.profile_duration)
+    worked_outside = False  # evaluation or a checkpoint since the last graph cut: the next step cuts
     for step in range(state.step + 1, cfg.max_train_steps + 1):
         profiler.maybe_start(step)
         batch = feed.take(loader)
@@ -286,16 +287,21 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
         if replay.replaying and not replaying:
             log.info("--step_graph replay: the step graph is recorded; replaying it from step %d", step + 1)
         state.step = step
-        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+        logged = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
+        if logged:
             skipped = {"data_skipped": dict(feed.position["skipped"])} if feed.position["skipped"] else {}
             runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm, lr, skipped))
-        runtime.sync()
+        if replay.cut_needed(closures=logged) or worked_outside:
+            runtime.sync()
         monitor.after_step(step)
+        saved = checkpoints.saved_step
         if checkpoints.after_step(step, state, feed.position):
             return True
+        worked_outside = checkpoints.saved_step != saved
         if evaluator is not None and evaluator.due(step):
             with monitor.paused(), state.averaged():
                 evaluator.run(step)
+            worked_outside = True
     return False
 
 
