@@ -22,7 +22,9 @@ n's execution; here it is measured on its own. Host time = wall time - device wa
 ExecuteReplicatedTime metric is printed beside the measured wait.
 
 The mode `replay-loader-cut` adds back the graph cut torch_xla's MpDeviceLoader made before handing out each
-batch (its default), which the trainer's loader no longer makes (the loop cuts after each step itself).
+batch (its default), which the trainer's loader no longer makes. The mode `replay-cut-every-step` adds back
+the loop's graph cut after every replayed step; the loop now cuts only when a step closure waits for it
+(logging steps) or after evaluation or a checkpoint (`StepReplay.cut_needed`).
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
         [--modes trace replay replay-loader-cut]
@@ -46,7 +48,8 @@ from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 
 PHASES = ("loader wait", "lr/EMA copies", "trace or replay", "graph cut + dispatch", "closures", "monitor", "other")
 MODES = {"trace": "traced every step", "replay": "replayed (the default)",
-         "replay-loader-cut": "replayed, loader cutting the graph before each batch (until this round)"}
+         "replay-loader-cut": "replayed, loader cutting the graph before each batch (until stop 21)",
+         "replay-cut-every-step": "replayed, graph cut after every step (until stop 22)"}
 UNETS = {"tiny": "tiny (test kit: 2 levels, 1 attention level)",
          "sd2-base/8": "SD2-base structure, widths / 8"}
 
@@ -156,6 +159,8 @@ def worker(args: argparse.Namespace) -> dict:
         return out
 
     runtime.run_compiled = run_then_wait
+    if args.mode == "replay-cut-every-step":
+        StepReplay.cut_needed = lambda self, closures: True
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
     StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)
