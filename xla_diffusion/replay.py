@@ -112,7 +112,7 @@ class StepReplay:
 
         A replayed step launched its compiled graph itself and leaves nothing pending, so a cut would only walk
         every live device tensor: with the state and the held outputs that is ~10k tensors for SD2-base's UNet,
-        ~37 ms of host CPU per step (bench/host_overhead.py). The caller still cuts after work of its own
+        29-37 ms of host CPU per step in two runs of bench/host_overhead.py. The caller still cuts after work of its own
         outside the step (evaluation, checkpoints)."""
         return closures or not self.replayed_last
 
