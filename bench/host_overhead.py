@@ -27,7 +27,7 @@ the loop's graph cut after every replayed step; the loop now cuts only when a st
 (logging steps) or after evaluation or a checkpoint (`StepReplay.cut_needed`).
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
-        [--modes trace replay replay-loader-cut]
+        [--modes trace replay replay-loader-cut replay-cut-every-step]
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ atexit.register(lambda: json.dump(_times, open({path!r}, "w")))
 
 
 def main() -> None:
-    # long runs: the difference is a few % here, and each run's mean must settle
+    # long runs, so that each run's mean settles (runs of the same code differ by up to ~10% here)
     p = trainer_parser(__doc__, devices=4, num_images=256, steps=120, warmup=10)
     p.add_argument("--repeats", type=int, default=2, help="pairs of runs, alternating the variants")
     args = p.parse_args()
