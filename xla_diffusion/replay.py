@@ -112,8 +112,8 @@ class StepReplay:
 
         A replayed step launched its compiled graph itself and leaves nothing pending, so a cut would only walk
         every live device tensor: with the state and the held outputs that is ~10k tensors for SD2-base's UNet,
-        29-37 ms of host CPU per step in two runs of bench/host_overhead.py. The caller still cuts after work of its own
-        outside the step (evaluation, checkpoints)."""
+        29-37 ms of host CPU per step in two runs of bench/host_overhead.py. The caller still cuts after work
+        of its own outside the step (evaluation, checkpoints)."""
         return closures or not self.replayed_last
 
     def __call__(self, fn: Callable[[], Sequence[torch.Tensor]], state: Sequence[torch.Tensor],
