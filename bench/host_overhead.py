@@ -27,14 +27,20 @@ the loop's graph cut after every replayed step; the loop now cuts only when a st
 (logging steps) or after evaluation or a checkpoint (`StepReplay.cut_needed`).
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
-        [--modes trace replay replay-loader-cut replay-cut-every-step]
+        [--modes trace replay replay-loader-cut replay-cut-every-step] [--profile N]
+
+`--profile N` runs cProfile over the replayed steps' `StepReplay._replay` (timed steps only) and prints the N
+functions with the most own time to stderr. Its timings include the profiler's own cost and the bench's device
+waits (`_xla_wait_device_ops`); read them as shares, not as the table's host times.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -162,6 +168,20 @@ def worker(args: argparse.Namespace) -> dict:
     if args.mode == "replay-cut-every-step":
         StepReplay.cut_needed = lambda self, closures: True
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        replay_step = StepReplay._replay
+
+        def profiled_replay(self, *a):
+            if not timers.on:
+                return replay_step(self, *a)
+            profile.enable()
+            try:
+                return replay_step(self, *a)
+            finally:
+                profile.disable()
+
+        StepReplay._replay = profiled_replay
     TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
     StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)
     cfg = parse_args([
@@ -172,6 +192,9 @@ def worker(args: argparse.Namespace) -> dict:
         "--step_graph", args.mode.split("-")[0],
     ])
     summary = trainer.train(cfg)
+    if profile is not None:  # to stderr: stdout's last line is the result
+        print(f"cProfile of the replayed steps ({args.mode}), functions by own time:", file=sys.stderr)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
     # train() ends with an export; the loop's wall time is taken up to the monitor's last timing instead
     steps = args.steps - args.warmup
     wall = summary["mean_step_time_s"] * summary["timed_steps"]
@@ -193,6 +216,8 @@ def main() -> None:
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the N functions with the most own time under cProfile in the replayed steps")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", help=argparse.SUPPRESS)
