@@ -21,9 +21,10 @@ demo: $(STAMP)
 demo-quality: $(STAMP)
 	$(BIN)/python demo.py --preset quality
 
-# pytest exits 5 when it collected no test: that must fail, not pass silently.
+# pytest exits 5 when it collected no test: that must fail, not pass silently. --durations: the log names
+# the slowest tests, where the suite's time goes.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests; rc=$$?; \
+	$(BIN)/python -m pytest tests --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # The fast tier: no end-to-end trainer run, no XLA step compilation (unit tests, CLI errors that stop before
