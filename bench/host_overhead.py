@@ -31,7 +31,8 @@ the loop's graph cut after every replayed step; the loop now cuts only when a st
 
 `--profile N` runs cProfile over the replayed steps' `StepReplay._replay` (timed steps only) and prints the N
 functions with the most own time to stderr. Its timings include the profiler's own cost and the bench's device
-waits (`_xla_wait_device_ops`); read them as shares, not as the table's host times.
+waits (`_xla_wait_device_ops`); read them as shares, not as the table's host times. The profiler's cost lands in
+that run's table too ("trace or replay"): take host times from a run without `--profile`.
 """
 
 from __future__ import annotations
