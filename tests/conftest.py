@@ -20,6 +20,13 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset imports albumentations, which phones home
 os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "xla_diffusion_test_hf_home"))
+# Tests compile many small graphs and run few steps of each: LLVM at -O0 in XLA's CPU backend generates their code
+# about 2x faster (one tiny-UNet CLI run of 3 steps: 66 -> 29 s of CPU) and runs it about 1.9x slower. The HLO,
+# its shardings, collectives, buffer assignment and compile counts are those of the default level; numbers can
+# differ in the last bits (contracted multiply-adds), and every comparison here is between runs of this session
+# or within a tolerance. A level already in XLA_FLAGS is kept. Subprocesses inherit it (tests/helpers.py).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -19,6 +19,11 @@ def cli_env(num_devices: int = 4) -> dict[str, str]:
     return env
 
 
+def with_xla_flags(flags: str) -> str:
+    """This session's XLA_FLAGS (conftest.py) with `flags` added: for a subprocess that sets XLA flags of its own."""
+    return (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+
+
 def start_cli(args: list[str], log_prefix: str, num_devices: int = 4, script: str = SCRIPT,
               env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the CLI with stdout/stderr going to `<log_prefix>.out/.err` (files, not pipes: several runs

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.helpers import with_xla_flags
 from xla_diffusion import hlo, sharding
 from xla_diffusion.sharding import REPLICATED, ShardingRuleError, default_spec, resolve_specs
 from xla_diffusion.tiny import build_unet
@@ -164,7 +165,7 @@ def test_collectives_and_buffers_of_a_compiled_fsdp_step(tmp_path):
         print(sharding.sharding_string(w))
     """)
     dump = str(tmp_path / "dump")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=hlo.hlo_dump_flags(dump),
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=with_xla_flags(hlo.hlo_dump_flags(dump)),
                PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -231,7 +232,7 @@ def _compile_forward_backward(tmp_path, fsdp: int, variants: tuple[bool, ...], s
     """Run `_FORWARD_BACKWARD`; returns its printed values and the dump directory."""
     code = _FORWARD_BACKWARD.format(fsdp=fsdp, variants=variants, setup=textwrap.indent(textwrap.dedent(setup), "    "))
     dump = str(tmp_path / "dump")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=hlo.hlo_dump_flags(dump),
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_FLAGS=with_xla_flags(hlo.hlo_dump_flags(dump)),
                PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

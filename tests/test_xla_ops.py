@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import with_xla_flags
 from xla_diffusion import runtime
 from xla_diffusion.hlo import hlo_dump_flags
 from xla_diffusion.xla_ops import (
@@ -128,7 +129,7 @@ def test_norms_keep_a_split_batch_split(which, gathers, tmp_path):
     F.layer_norm all-gather the activations (GSPMD cannot split their batch norm along features); ours move
     no activation."""
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "PYTHONPATH": ROOT,
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + hlo_dump_flags(str(tmp_path))).strip()}
+           "XLA_FLAGS": with_xla_flags(hlo_dump_flags(str(tmp_path)))}
     proc = subprocess.run([sys.executable, "-m", "tests.collectives_worker", which, str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
