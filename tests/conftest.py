@@ -37,6 +37,11 @@ import pytest  # noqa: E402
 from tests.helpers import HUB_TOKEN, TrainRuns  # noqa: E402
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The session's XLA flags head the log: they set how its graphs are compiled (see above)."""
+    return f"XLA_FLAGS: {os.environ['XLA_FLAGS']}"
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> str:
     """A tiny Stable Diffusion pipeline folder (built offline, seed 0)."""
