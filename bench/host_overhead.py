@@ -24,10 +24,12 @@ ExecuteReplicatedTime metric is printed beside the measured wait.
 The mode `replay-loader-cut` adds back the graph cut torch_xla's MpDeviceLoader made before handing out each
 batch (its default), which the trainer's loader no longer makes. The mode `replay-cut-every-step` adds back
 the loop's graph cut after every replayed step; the loop now cuts only when a step closure waits for it
-(logging steps) or after evaluation or a checkpoint (`StepReplay.cut_needed`).
+(logging steps) or after evaluation or a checkpoint (`StepReplay.cut_needed`). The mode `replay-torch-adamw`
+puts back torch's AdamW, whose step count per parameter is one more state tensor per parameter tensor than
+`optim.SharedStepAdamW`'s one per param group.
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
-        [--modes trace replay replay-loader-cut replay-cut-every-step] [--profile N]
+        [--modes trace replay replay-loader-cut replay-cut-every-step replay-torch-adamw] [--profile N]
 
 `--profile N` runs cProfile over the replayed steps' `StepReplay._replay` (timed steps only) and prints the N
 functions with the most own time to stderr. Its timings include the profiler's own cost and the bench's device
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import os
 import pstats
@@ -56,7 +59,8 @@ from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 PHASES = ("loader wait", "lr/EMA copies", "trace or replay", "graph cut + dispatch", "closures", "monitor", "other")
 MODES = {"trace": "traced every step", "replay": "replayed (the default)",
          "replay-loader-cut": "replayed, loader cutting the graph before each batch (until stop 21)",
-         "replay-cut-every-step": "replayed, graph cut after every step (until stop 22)"}
+         "replay-cut-every-step": "replayed, graph cut after every step (until stop 22)",
+         "replay-torch-adamw": "replayed, torch's AdamW: a step count per parameter (until stop 24)"}
 UNETS = {"tiny": "tiny (test kit: 2 levels, 1 attention level)",
          "sd2-base/8": "SD2-base structure, widths / 8"}
 
@@ -102,7 +106,7 @@ class Timers:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from xla_diffusion import runtime, trainer
+    from xla_diffusion import runtime, state, trainer
     from xla_diffusion.config import parse_args
     from xla_diffusion.monitor import StepMonitor
     from xla_diffusion.replay import StepReplay
@@ -168,6 +172,8 @@ def worker(args: argparse.Namespace) -> dict:
     runtime.run_compiled = run_then_wait
     if args.mode == "replay-cut-every-step":
         StepReplay.cut_needed = lambda self, closures: True
+    if args.mode == "replay-torch-adamw":
+        state.make_optimizer = functools.partial(state.make_optimizer, shared_step=False)
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:

@@ -108,7 +108,7 @@ def test_replayed_steps_equal_traced_steps_bit_for_bit(rt):
     losses, state, replay, compiles = _run(rt, enabled=True)
     assert replay.refused is None and replay.replayed_steps == STEPS - 2  # steps 1-2 recorded, then replayed
     assert losses == traced_losses
-    assert len(state) == len(traced) == 6 + 6 * 3 + 6  # 6 params, AdamW (step, exp_avg, exp_avg_sq), EMA
+    assert len(state) == len(traced) == 6 + 6 * 2 + 1 + 6  # 6 params, AdamW (moments; one step count), EMA
     for a, b in zip(state, traced):
         assert torch.equal(a, b)
     # one graph each: the replayed one is compiled once (or found in the cache), never per step

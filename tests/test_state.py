@@ -63,8 +63,9 @@ def test_priming_keeps_existing_state_and_train_state_primes():
 
 
 def primed_and_lazy_runs(out_file: str) -> None:
-    """3 fp32 steps of the real train_step with the tiny UNet on the 4-device mesh (lr warm-up from 0), primed
-    then lazy; saves each run's compilations per step, (loss, grad norm) per step and final weights."""
+    """3 fp32 steps of the real train_step with the tiny UNet on the 4-device mesh (lr warm-up from 0), primed,
+    lazy, then primed with torch's AdamW (a step count per parameter) in place of SharedStepAdamW; saves each
+    run's compilations per step, (loss, grad norm) per step and final weights."""
     from xla_diffusion import runtime
     from xla_diffusion.tiny import TEXT_HIDDEN_SIZE, build_scheduler, build_unet
     from xla_diffusion.train_step import StepConfig, train_step
@@ -79,9 +80,9 @@ def primed_and_lazy_runs(out_file: str) -> None:
                 "encoder_hidden_states": torch.randn(8, 16, TEXT_HIDDEN_SIZE, generator=g),
                 "timesteps": torch.randint(0, 1000, (8,), generator=g)} for _ in range(3)]
 
-    def run(prime: bool) -> dict:
+    def run(prime: bool, shared_step: bool = True) -> dict:
         unet = runtime.place_trained(copy.deepcopy(unet0), rt.mesh)
-        opt = make_optimizer(unet, 1e-3, (0.9, 0.999), 1e-2, 1e-8)
+        opt = make_optimizer(unet, 1e-3, (0.9, 0.999), 1e-2, 1e-8, shared_step=shared_step)
         schedule = LrSchedule(opt, "constant_with_warmup", 2, 3)  # lr 0 at step 1: data, not a constant
         if prime:
             prime_optimizer(opt)
@@ -96,13 +97,15 @@ def primed_and_lazy_runs(out_file: str) -> None:
         return {"compiled": compiled, "metrics": out, "weights": {k: v.cpu() for k, v in unet.state_dict().items()}}
 
     primed = run(prime=True)  # first: its graph is then in the in-memory cache when the lazy run reaches it
-    torch.save({"primed": primed, "lazy": run(prime=False), "initial": unet0.state_dict()}, out_file)
+    torch.save({"primed": primed, "lazy": run(prime=False), "torch_adamw": run(prime=True, shared_step=False),
+                "initial": unet0.state_dict()}, out_file)
 
 
 @pytest.mark.slow
 def test_primed_run_compiles_one_step_graph_and_equals_the_lazy_run(tmp_path):
     """The primed run compiles one graph, which is the lazy run's steady graph (the lazy run then compiles
-    only its first-step graph), and losses, gradient norms and weights are bit-identical. In a subprocess: the
+    only its first-step graph), and losses, gradient norms and weights are bit-identical, also to torch's own
+    capturable AdamW (its own graph, compiled once). In a subprocess: the
     autograd engine sizes its XLA queues at the process's first backward, and earlier tests run CPU ones."""
     out = str(tmp_path / "runs.pt")
     code = f"from tests.test_state import primed_and_lazy_runs; primed_and_lazy_runs({out!r})"
@@ -113,7 +116,9 @@ def test_primed_run_compiles_one_step_graph_and_equals_the_lazy_run(tmp_path):
     primed, lazy = runs["primed"], runs["lazy"]
     assert primed["compiled"] == [1, 0, 0], primed["compiled"]
     assert lazy["compiled"] == [1, 0, 0], lazy["compiled"]  # its first-step graph; the steady one is cached
-    for (pl, pn), (ll, ln) in zip(primed["metrics"], lazy["metrics"]):
-        assert torch.equal(pl, ll) and torch.equal(pn, ln), (pl, ll, pn, ln)
-    assert all(torch.equal(primed["weights"][k], lazy["weights"][k]) for k in lazy["weights"])
+    assert runs["torch_adamw"]["compiled"] == [1, 0, 0], runs["torch_adamw"]["compiled"]
+    for other in (lazy, runs["torch_adamw"]):
+        for (pl, pn), (ll, ln) in zip(primed["metrics"], other["metrics"]):
+            assert torch.equal(pl, ll) and torch.equal(pn, ln), (pl, ll, pn, ln)
+        assert all(torch.equal(primed["weights"][k], other["weights"][k]) for k in other["weights"])
     assert any(not torch.equal(primed["weights"][k], v) for k, v in runs["initial"].items())

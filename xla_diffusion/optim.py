@@ -1,15 +1,16 @@
 """The optimizer and its learning-rate schedule.
 
 AdamW keeps fp32 moments beside the fp32 master weights. Every per-step scalar it uses lives on the device (a
-0-d lr tensor, `capturable=True` step counts), so a changing learning rate is graph data, never a graph constant
-that would recompile the step. The schedule is diffusers' own (`diffusers.optimization.get_scheduler`): the
-same name gives the same lr at every step as in diffusers' scripts, computed on the host and copied into the
-optimizer's lr tensor.
+0-d lr tensor, one `capturable` step count per param group: `SharedStepAdamW`), so a changing learning rate is
+graph data, never a graph constant that would recompile the step. The schedule is diffusers' own
+(`diffusers.optimization.get_scheduler`): the same name gives the same lr at every step as in diffusers'
+scripts, computed on the host and copied into the optimizer's lr tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -20,10 +21,77 @@ from . import runtime
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
+class SharedStepAdamW(torch.optim.AdamW):
+    """AdamW (decoupled weight decay, no amsgrad) whose parameters share one device step count per param group.
+
+    The update is torch's capturable single-tensor AdamW, op for op, so its results are bitwise torch's. What
+    differs is where the per-step scalars come from: torch keeps a 0-d `step` per parameter and computes the bias
+    corrections, step size and epsilon term from it for every parameter, ~11 scalar ops per parameter tensor in
+    the step graph plus one more input and output each. Here `state[p]["step"]` is the same tensor for every
+    parameter of a group, advanced once per step, and those scalars are computed once per group. For SD2-base's
+    686 parameter tensors that removes ~7,500 scalar ops from the step graph and 685 of the 3,430 tensors a
+    replayed step hands the compiled graph and re-points (bench/first_step.py and bench/host_overhead.py measure
+    both). The checkpoint layout is unchanged: every parameter's state still has its `step`.
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor, betas: tuple[float, float], weight_decay: float,
+                 eps: float) -> None:
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                         capturable=True, foreach=False)
+
+    def group_step(self, group: dict) -> torch.Tensor:
+        """The group's shared step count, created (0, on the parameters' device) and given to every parameter's
+        state on first use; the moments of a parameter without state are created as zeros, as torch's AdamW
+        creates them inside its first step."""
+        shared = next((self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})), None)
+        if shared is None:
+            shared = torch.zeros((), dtype=_get_scalar_dtype(), device=group["params"][0].device)
+        for p in group["params"]:
+            st = self.state[p]
+            if not st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] = shared
+        return shared
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["maximize"] or group["amsgrad"]:
+                raise ValueError("SharedStepAdamW implements neither maximize nor amsgrad")
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            step = self.group_step(group)
+            step += 1
+            # the scalars of torch's capturable path (same expressions, same order), once per group
+            decay = 1 - lr * wd
+            step_size_neg = (lr / (1 - beta1**step)).neg()
+            denom_scale = (1 - beta2**step).sqrt() * step_size_neg
+            denom_eps = eps / step_size_neg
+            for p in params:
+                st = self.state[p]
+                if wd != 0:
+                    p.mul_(decay)
+                st["exp_avg"].lerp_(p.grad, 1 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.addcdiv_(st["exp_avg"], (st["exp_avg_sq"].sqrt() / denom_scale).add_(denom_eps))
+        return loss
+
+
 def make_optimizer(
-    module: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float
+    module: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float,
+    shared_step: bool = True,
 ) -> torch.optim.Optimizer:
     """AdamW over the module's fp32 parameters; its moments are fp32 too (they follow the parameters).
+    `shared_step=False` gives torch's own AdamW (a step count per parameter: the trainer before stop 25, kept
+    for bench/first_step.py's comparison); both update the weights bitwise alike.
 
     The learning rate is a 0-d device tensor and the step count lives on the device (`capturable`), so every
     per-step scalar of the update is graph data computed on the device. With Python floats instead, torch_xla
@@ -33,6 +101,8 @@ def make_optimizer(
     """
     device = next(module.parameters()).device
     [lr_tensor] = runtime.to_device([torch.tensor(lr, dtype=torch.float32)], device)
+    if shared_step:
+        return SharedStepAdamW(module.parameters(), lr=lr_tensor, betas=betas, weight_decay=weight_decay, eps=eps)
     return torch.optim.AdamW(
         module.parameters(), lr=lr_tensor, betas=betas,
         weight_decay=weight_decay, eps=eps, capturable=True, foreach=False,
@@ -45,24 +115,32 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
     The tensors are what `torch.optim.AdamW` itself would create at its first step (same keys, dtypes,
     devices; `step` a 0-d float32 tensor on the parameter's device under `capturable`, replicated), with each
-    moment sharded like its parameter (FSDP). They are made by host-to-device transfers, so priming compiles nothing
+    moment sharded like its parameter (FSDP); a SharedStepAdamW's parameters get their group's one `step`.
+    They are made by host-to-device transfers, so priming compiles nothing
     and leaves the parameters untouched (torch_xla's `prime_optimizer` runs a zero-gradient step instead:
     one more compiled graph, ~14 s for the tiny UNet on 4 CPU devices).
     """
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         raise TypeError(f"prime_optimizer knows Adam/AdamW state, not {type(optimizer).__name__}")
+    shared = isinstance(optimizer, SharedStepAdamW)
     for group in optimizer.param_groups:
         if group.get("fused"):
             raise TypeError("prime_optimizer does not handle fused Adam/AdamW (its step lives elsewhere)")
+        group_step = next((optimizer.state[p]["step"] for p in group["params"]
+                           if shared and "step" in optimizer.state.get(p, {})), None)
         for p in group["params"]:
             if optimizer.state.get(p):
                 continue
-            # torch's own choice of dtype for `step` (float32 unless the default dtype is float64)
-            step = torch.zeros((), dtype=_get_scalar_dtype())
-            if group["capturable"]:
-                # device data annotated as replicated, as the step leaves it: a `.to(device)` 0.0 would be a
-                # graph constant, and an unannotated input, either making step 1 a graph of its own
-                [step] = runtime.to_device([step], p.device)
+            step = group_step
+            if step is None:
+                # torch's own choice of dtype for `step` (float32 unless the default dtype is float64)
+                step = torch.zeros((), dtype=_get_scalar_dtype())
+                if group["capturable"]:
+                    # device data annotated as replicated, as the step leaves it: a `.to(device)` 0.0 would be a
+                    # graph constant, and an unannotated input, either making step 1 a graph of its own
+                    [step] = runtime.to_device([step], p.device)
+                if shared:
+                    group_step = step
             state = {"step": step, "exp_avg": runtime.device_zeros_like(p), "exp_avg_sq": runtime.device_zeros_like(p)}
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = runtime.device_zeros_like(p)

@@ -248,13 +248,15 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Mod
 
     prime_optimizer(optimizer)
     names = {id(p): n for n, p in module.named_parameters()}
+    done: set[int] = set()  # a tensor several parameters share (SharedStepAdamW's `step`) is annotated once
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
             spec = specs[names[id(p)]]
             for value in state.values():
-                if not isinstance(value, torch.Tensor) or value.device.type != "xla":
+                if not isinstance(value, torch.Tensor) or value.device.type != "xla" or id(value) in done:
                     continue
+                done.add(id(value))
                 shard_tensor(value, mesh, spec if value.shape == p.shape else replicated_spec(value.ndim))
 
 

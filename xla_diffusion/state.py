@@ -51,9 +51,18 @@ class TrainState:
         # time per step for the tiny UNet (the same parameters, in the same order: make_optimizer got them so)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         out = list(params)
+        seen: set[int] = set()  # SharedStepAdamW gives a group's parameters one `step` tensor: listed once
         for p in params:
             st = self.optimizer.state.get(p, {})
-            out += [st[k] for k in sorted(st) if isinstance(st[k], torch.Tensor)]
+            for k in sorted(st):
+                t = st[k]
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if t.ndim == 0:
+                    if id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                out.append(t)
         if self.ema is not None:
             out += self.ema.shadow
         return out
