@@ -21,15 +21,19 @@ never overlap and every host phase runs with idle devices. On a TPU the host's w
 n's execution; here it is measured on its own. Host time = wall time - device wait. torch_xla's
 ExecuteReplicatedTime metric is printed beside the measured wait.
 
-The mode `replay-loader-cut` adds back the graph cut torch_xla's MpDeviceLoader made before handing out each
-batch (its default), which the trainer's loader no longer makes. The mode `replay-cut-every-step` adds back
-the loop's graph cut after every replayed step; the loop now cuts only when a step closure waits for it
-(logging steps) or after evaluation or a checkpoint (`StepReplay.cut_needed`). The mode `replay-torch-adamw`
-puts back torch's AdamW, whose step count per parameter is one more state tensor per parameter tensor than
-`optim.SharedStepAdamW`'s one per param group.
+The mode `replay-flat` (`--step_graph replay_flat`) keeps the replicated state (weights, AdamW moments, EMA
+shadows) in a few flat buffers while replaying (`replay.StateLayout`), where the default hands the replayed
+graph every state tensor as an input of its own and points each at an output. The mode `replay-loader-cut`
+adds back the graph cut torch_xla's MpDeviceLoader made before handing out each batch (its default), which
+the trainer's loader no longer makes. The mode `replay-cut-every-step` adds back the loop's graph cut after
+every replayed step; the loop now cuts only when a step closure waits for it (logging steps) or after
+evaluation or a checkpoint (`StepReplay.cut_needed`). The mode `replay-torch-adamw` puts back torch's AdamW,
+whose step count per parameter is one more state tensor per parameter tensor than `optim.SharedStepAdamW`'s
+one per param group.
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
-        [--modes trace replay replay-loader-cut replay-cut-every-step replay-torch-adamw] [--profile N]
+        [--modes trace replay replay-flat replay-loader-cut replay-cut-every-step
+         replay-torch-adamw] [--profile N]
 
 `--profile N` runs cProfile over the replayed steps' `StepReplay._replay` (timed steps only) and prints the N
 functions with the most own time to stderr. Its timings include the profiler's own cost and the bench's device
@@ -58,6 +62,7 @@ from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 
 PHASES = ("loader wait", "lr/EMA copies", "trace or replay", "graph cut + dispatch", "closures", "monitor", "other")
 MODES = {"trace": "traced every step", "replay": "replayed (the default)",
+         "replay-flat": "replayed, flat state (--step_graph replay_flat)",
          "replay-loader-cut": "replayed, loader cutting the graph before each batch (until stop 21)",
          "replay-cut-every-step": "replayed, graph cut after every step (until stop 22)",
          "replay-torch-adamw": "replayed, torch's AdamW: a step count per parameter (until stop 24)"}
@@ -196,7 +201,7 @@ def worker(args: argparse.Namespace) -> dict:
         "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--mixed_precision", "bf16",
         "--use_ema", "--logging_steps", str(args.logging_steps), "--timing_warmup_steps", str(args.warmup),
         "--output_dir", args.out,
-        "--step_graph", args.mode.split("-")[0],
+        "--step_graph", {"trace": "trace", "replay-flat": "replay_flat"}.get(args.mode, "replay"),
     ])
     summary = trainer.train(cfg)
     if profile is not None:  # to stderr: stdout's last line is the result

@@ -137,7 +137,9 @@ class TrainRuns:
       (in-loop evaluation, tracker and model card tests);
     - `evalloop_traced`: `evalloop` without trackers and with --step_graph trace (every step traced, while the
       other runs record steps 1-2 and replay the rest, here across the evaluation at step 2): the same losses,
-      evaluations and weights.
+      evaluations and weights;
+    - `evalloop_flat`: `evalloop_traced` with --step_graph replay_flat and a checkpoint at step 3: the state
+      is unpacked from its flat buffers for the evaluation, the checkpoint and the export, and packed again.
     """
 
     pipeline: str
@@ -176,6 +178,10 @@ class TrainRuns:
         traced_args = EVAL_LOOP_ARGS[:EVAL_LOOP_ARGS.index("--report_to")] + ["--step_graph", "trace"]
         self.procs["evalloop_traced"] = start_cli(self.common("evalloop_traced", 4) + traced_args,
                                                   self.log("evalloop_traced"), 4)
+        # and with the state in flat buffers while replaying, unpacked for a checkpoint at step 3
+        flat_args = traced_args[:-1] + ["replay_flat", "--checkpointing_steps", "3"]
+        self.procs["evalloop_flat"] = start_cli(self.common("evalloop_flat", 4) + flat_args,
+                                                self.log("evalloop_flat"), 4)
 
     def result(self, name: str) -> Finished:
         if name not in self.results:

@@ -1,7 +1,8 @@
-"""--step_graph replay (replay.StepReplay) on the 4-device mesh: a replayed step is the traced step (same
-losses, weights, AdamW state and EMA, bit for bit, with the lr and EMA decay changing every step), it compiles
-nothing more, and a step that reads a changing value it was not given falls back to tracing instead of
-replaying a stale one."""
+"""--step_graph replay and replay_flat (replay.StepReplay) on the 4-device mesh: a replayed step is the traced
+step (same losses, weights, AdamW state and EMA, bit for bit, with the lr and EMA decay changing every step), it
+compiles nothing more, and a step that reads a changing value it was not given falls back to tracing instead
+of replaying a stale one. With flat state the packed tensors hold no memory between replayed steps and get
+their values back from `unpack`."""
 
 from __future__ import annotations
 
@@ -31,35 +32,43 @@ class Net(torch.nn.Module):
         return self.out(torch.nn.functional.silu(self.norm(h[:, :, None]).squeeze(-1)))
 
 
-def _state(rt):  # noqa: ANN001, ANN202
+def _state(rt, shard_weights: bool = False):  # noqa: ANN001, ANN202
+    """`shard_weights`: the two Linear weights (128 and 256 elements) are sharded over the fsdp axis, the biases
+    and the norm's (at most 32) are not; by default all are too small to be, and all of the state is
+    replicated."""
     from xla_diffusion import sharding
     from xla_diffusion.config import TrainConfig
     from xla_diffusion.state import TrainState
 
     torch.manual_seed(0)
     net = Net()
-    sharding.fsdp_shard(net, rt.mesh)
+    sharding.fsdp_shard(net, rt.mesh, min_shard_numel=100 if shard_weights else sharding.DEFAULT_MIN_SHARD_NUMEL)
     cfg = TrainConfig(pretrained_model_name_or_path="-", train_data_dir="-", max_train_steps=STEPS, use_ema=True,
                       learning_rate=1e-2, lr_scheduler="cosine", lr_warmup_steps=2, ema_decay=0.99)
     return TrainState.create(net, cfg)
 
 
 def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, frozen_bias: bool = False,  # noqa: ANN001, ANN202
-         cut_when_needed: bool = False):
+         cut_when_needed: bool = False, flat: bool = False, shard_weights: bool = False, check_packed: bool = False,
+         gathered: bool = False):
     """STEPS optimizer steps through StepReplay; returns (losses, final state on the host, replay, compilations).
     `primed=False` leaves AdamW's state to be created inside the first step; `frozen_bias` gives the output
     layer's bias no gradient, so the step leaves it (and its AdamW moments) unchanged. The graph is cut after
     every step (a closure reads each loss), or with `cut_when_needed` only when `replay.cut_needed` says so
-    (no closures: the losses are read at the end), checking that nothing is left pending when it does not."""
+    (no closures: the losses are read at the end), checking that nothing is left pending when it does not.
+    `flat`: StepReplay's flat state (--step_graph replay_flat), in TrainState's layout (AdamW and the EMA
+    update whole buffers) or with `gathered` in the generic one (each buffer gathered from its updated
+    tensors); `check_packed`: after each replayed step, check that the packed state tensors hold no device
+    memory and the loose ones do."""
     from xla_diffusion import runtime
     from xla_diffusion.replay import StepReplay
 
-    st = _state(rt)
+    st = _state(rt, shard_weights)
     if not primed:
         st.optimizer.state.clear()
     if frozen_bias:
         st.unet.out.bias.requires_grad_(False)
-    replay = StepReplay(enabled)
+    replay = StepReplay(enabled, flat=flat, layout=None if gathered else st.flat_layout)
     g = torch.Generator().manual_seed(1)
     losses = []
     n0 = runtime.compile_count()
@@ -81,6 +90,10 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
 
         [loss] = replay(step_fn, st.step_tensors(), [batch["x"], batch["y"]] + st.step_scalars())
         st.step += 1
+        if check_packed and replay.replaying:
+            tensors = st.step_tensors()
+            members = {i for m in replay.layout.members for i in m}
+            assert [runtime.is_placeholder(t) for t in tensors] == [i in members for i in range(len(tensors))]
         if not cut_when_needed:
             runtime.add_step_closure(lambda v: losses.append(float(v)), (loss,))
             runtime.sync()
@@ -90,10 +103,11 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
             runtime.sync()
         else:
             assert runtime.pending_count(device=rt.device) == 0  # what the skipped cut would have launched
+    replay.unpack()  # the state tensors get their values back from the flat buffers
     runtime.wait_device_ops()
     losses = [float(v) for v in losses]
     host = [t.detach().cpu().clone() for t in st.step_tensors()]
-    return losses, host, replay, runtime.compile_count() - n0
+    return losses, host, replay, runtime.compile_count() - n0 - replay.layout_compilations
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +127,70 @@ def test_replayed_steps_equal_traced_steps_bit_for_bit(rt):
         assert torch.equal(a, b)
     # one graph each: the replayed one is compiled once (or found in the cache), never per step
     assert traced_compiles == 1 and compiles <= 1
+    assert replay.layout is None and replay.layout_compilations == 0
     # the outputs of the last HELD_STEPS replayed steps stay referenced (the running step's donated inputs)
     assert [len(r) for r in replay._held] == [len(state) + 1] * HELD_STEPS
+
+
+def test_flat_state_replay_equals_traced_steps_bit_for_bit(rt):
+    """--step_graph replay_flat: AdamW and the EMA update four flat buffers whole instead of 24 tensors, and
+    the replayed graph takes and returns those and the step count; losses and state are still the traced
+    run's, bit for bit."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False)
+    losses, state, replay, compiles = _run(rt, enabled=True, flat=True)
+    assert replay.refused is None and replay.replayed_steps == STEPS - 2
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
+    assert compiles <= 1
+    # the state is replicated: four flat buffers (weights, exp_avg, exp_avg_sq, EMA shadows, each the 6 tensors
+    # in parameter order) and the step count are the graph's state inputs and outputs (step_tensors' order:
+    # the parameters, then each one's exp_avg and exp_avg_sq, the shared step count after the first's, then
+    # the EMA shadows); the packing and unpacking graphs compiled once each
+    exp_avg = [6] + list(range(9, 19, 2))
+    assert replay.layout.members == [list(range(6)), exp_avg, [i + 1 for i in exp_avg], list(range(19, 25))]
+    assert replay.layout.loose == [8]
+    assert replay.layout_compilations == 2
+    assert [len(r) for r in replay._held] == [4 + 1 + 1] * HELD_STEPS
+
+
+def test_generic_flat_layout_gathers_the_updated_tensors(rt):
+    """Without the optimizer's and EMA's flat update (StateLayout.of: the layout for any caller), the step
+    updates the tensors, sliced from the buffers, and their concatenation is the buffer's new value: all of the
+    replicated fp32 state in one buffer."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False)
+    losses, state, replay, compiles = _run(rt, enabled=True, flat=True, gathered=True, check_packed=True)
+    assert replay.replayed_steps == STEPS - 2 and compiles <= 1
+    assert replay.layout.members == [list(range(len(state)))] and replay.layout.loose == []
+    assert [len(r) for r in replay._held] == [1 + 1] * HELD_STEPS
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
+
+
+def test_packed_state_tensors_hold_no_memory_while_replaying(rt):
+    """Between replayed steps the flat buffer holds the state: the tensors it packs are placeholders without
+    device memory (checked after every replayed step) until `unpack` gives them their values back."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False)
+    losses, state, replay, _ = _run(rt, enabled=True, cut_when_needed=True, flat=True, check_packed=True)
+    assert replay.replayed_steps == STEPS - 2 and not replay.layout.packed
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
+
+
+def test_sharded_state_stays_per_tensor_beside_the_flat_buffer(rt):
+    """With the weights sharded over fsdp, those tensors (and their moments and EMA shadows) stay graph inputs of
+    their own; the replicated rest (biases, norms, the step count) share the flat buffer. Still the traced step."""
+    traced_losses, traced, _, _ = _run(rt, enabled=False, shard_weights=True)
+    losses, state, replay, compiles = _run(rt, enabled=True, flat=True, shard_weights=True, check_packed=True)
+    assert replay.replayed_steps == STEPS - 2 and compiles <= 1
+    loose, members = replay.layout.loose, [i for m in replay.layout.members for i in m]
+    assert len(loose) > 0 and len(members) > 1 and sorted(loose + members) == list(range(len(state)))
+    assert [len(r) for r in replay._held] == [len(replay.layout.members) + len(loose) + 1] * HELD_STEPS
+    assert losses == traced_losses
+    for a, b in zip(state, traced):
+        assert torch.equal(a, b)
 
 
 def test_replayed_steps_need_no_graph_cut(rt):
@@ -142,10 +218,11 @@ def test_replay_without_held_outputs_is_the_same_step(rt, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_an_undeclared_changing_value_falls_back_to_tracing(rt, caplog):
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+def test_an_undeclared_changing_value_falls_back_to_tracing(rt, caplog, flat):
     traced_losses, traced, _, _ = _run(rt, enabled=False, undeclared=True)
     with caplog.at_level(logging.WARNING, logger="xla_diffusion.replay"):
-        losses, state, replay, _ = _run(rt, enabled=True, undeclared=True)
+        losses, state, replay, _ = _run(rt, enabled=True, undeclared=True, flat=flat)
     assert replay.replayed_steps == 0
     assert replay.refused == "a value the step reads changed between steps without being a declared input"
     assert [r.getMessage() for r in caplog.records] == [
@@ -156,12 +233,13 @@ def test_an_undeclared_changing_value_falls_back_to_tracing(rt, caplog):
         assert torch.equal(a, b)
 
 
-def test_state_made_inside_the_step_falls_back_to_tracing(rt, caplog):
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+def test_state_made_inside_the_step_falls_back_to_tracing(rt, caplog, flat):
     """Unprimed AdamW creates its moments inside step 1, outside the state the step was given: replaying that
     graph would never update them, so the step is traced instead (and the results are the traced run's)."""
     traced_losses, traced, _, _ = _run(rt, enabled=False, primed=False)
     with caplog.at_level(logging.WARNING, logger="xla_diffusion.replay"):
-        losses, state, replay, _ = _run(rt, enabled=True, primed=False)
+        losses, state, replay, _ = _run(rt, enabled=True, primed=False, flat=flat)
     assert replay.replayed_steps == 0 and replay.recordings == 0
     assert replay.refused == "the step leaves results outside the tensors it was given as its state"
     assert losses == traced_losses
@@ -169,14 +247,15 @@ def test_state_made_inside_the_step_falls_back_to_tracing(rt, caplog):
         assert torch.equal(a, b)
 
 
-def test_state_the_step_leaves_unchanged_falls_back_to_tracing(rt, caplog):
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+def test_state_the_step_leaves_unchanged_falls_back_to_tracing(rt, caplog, flat):
     """A parameter without a gradient stays as it was: the compiled graph has no output for it (nor for its
     AdamW moments), so replay, which points each state tensor at an output, is refused and the step is traced
     (an unchanged state tensor once crashed the next graph cut: "Execution supplied 968 buffers but compiled
     program expected 542")."""
     traced_losses, traced, _, _ = _run(rt, enabled=False, frozen_bias=True)
     with caplog.at_level(logging.WARNING, logger="xla_diffusion.replay"):
-        losses, state, replay, _ = _run(rt, enabled=True, frozen_bias=True)
+        losses, state, replay, _ = _run(rt, enabled=True, frozen_bias=True, flat=flat)
     assert replay.replayed_steps == 0
     assert replay.refused == "the step leaves some of the tensors it was given as its state unchanged"
     assert losses == traced_losses

@@ -13,7 +13,7 @@ from .tracking import resolve_report_to
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names (objective.PREDICTION_TYPES)
 MIXED_PRECISION = ("no", "bf16")
 MIXED_PRECISION_FLAGS = ("no", "fp16", "bf16")  # diffusers' choices: fp16 is refused with a reason
-STEP_GRAPHS = ("replay", "trace")  # --step_graph (replay.StepReplay)
+STEP_GRAPHS = ("replay", "replay_flat", "trace")  # --step_graph (replay.StepReplay)
 # torchvision's InterpolationMode names, the choices of diffusers' --image_interpolation_mode
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 SAMPLERS = ("ddpm", "ddim", "euler", "euler-ancestral", "dpm-solver++", "unipc")  # sampling.SCHEDULERS' names

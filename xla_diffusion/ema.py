@@ -43,6 +43,9 @@ class EmaWeights:
             self.shadow = [runtime.device_copy(p) for p in self.params]
         [self._decay] = runtime.to_device([torch.zeros((), dtype=torch.float32)], device)
         self.decay = 0.0
+        # While a replayed step is recorded with flat state (replay.StateLayout, bound by state.TrainState): per
+        # chunk of parameters, (the parameters, the flat buffer of their updated weights, that of their shadows)
+        self.flat_chunks: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
 
     @property
     def decay_tensor(self) -> torch.Tensor:
@@ -61,8 +64,15 @@ class EmaWeights:
     def update(self) -> None:
         """Trace the update into the current graph (call after optimizer.step(), before the graph runs)."""
         weight = 1.0 - self._decay
+        flat: set[int] = set()
+        for params, weights, shadow in self.flat_chunks:
+            # only when the optimizer updated the chunk through its buffer (else its tensors hold the weights)
+            if runtime.pending_count([weights]) == 1:
+                shadow.lerp_(weights, weight)  # elementwise: the per-tensor update, on the flat buffers
+                flat.update(id(p) for p in params)
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), weight)
+            if id(p) not in flat:
+                s.lerp_(p.detach(), weight)
 
     def _swap(self) -> None:
         for i, p in enumerate(self.params):

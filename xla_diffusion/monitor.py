@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +32,9 @@ class StepMonitor:
         self.history: list[dict[str, Any]] = []
         self.compile_base = runtime.compile_count()
         self.excluded_compilations = 0  # compiled inside paused() blocks, not by the step
+        # graphs compiled outside paused() blocks that are not the step's either: packing and unpacking the
+        # replayed step's flat state (replay.StateLayout)
+        self.other_compilations: Callable[[], int] = lambda: 0
         self.paused_s = 0.0
         self.start = time.perf_counter()
         self.start_step = start_step  # the step a resumed run starts after
@@ -48,17 +51,19 @@ class StepMonitor:
 
     def compilations(self) -> int:
         """Graphs the training step compiled (those of paused() blocks excluded)."""
-        return runtime.compile_count() - self.compile_base - self.excluded_compilations
+        return runtime.compile_count() - self.compile_base - self.excluded_compilations - self.other_compilations()
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Work between steps (evaluation): its time and compilations are not the step's."""
+    def paused(self, count_compilations: bool = True) -> Iterator[None]:
+        """Work between steps (evaluation): its time and compilations are not the step's. With
+        `count_compilations=False` its compilations are left to `other_compilations`, which counts them."""
         t0, c0 = time.perf_counter(), runtime.compile_count()
         try:
             yield
         finally:
             self.paused_s += time.perf_counter() - t0
-            self.excluded_compilations += runtime.compile_count() - c0
+            if count_compilations:
+                self.excluded_compilations += runtime.compile_count() - c0
 
     def on_step_done(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
                      extra: dict[str, Any] | None = None) -> None:

@@ -38,6 +38,10 @@ class SharedStepAdamW(torch.optim.AdamW):
                  eps: float) -> None:
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, amsgrad=False,
                          capturable=True, foreach=False)
+        # While a replayed step is recorded with flat state (replay.StateLayout, bound by state.TrainState): per
+        # chunk of a group's parameters, the flat buffers of (weights, exp_avg, exp_avg_sq), each the chunk's
+        # tensors flattened and concatenated in order. The update then runs on the buffers, a few large ops.
+        self.flat_chunks: list[tuple[dict, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def group_step(self, group: dict) -> torch.Tensor:
         """The group's shared step count, created (0, on the parameters' device) and given to every parameter's
@@ -75,14 +79,33 @@ class SharedStepAdamW(torch.optim.AdamW):
             step_size_neg = (lr / (1 - beta1**step)).neg()
             denom_scale = (1 - beta2**step).sqrt() * step_size_neg
             denom_eps = eps / step_size_neg
+            flat: set[int] = set()  # parameters updated through their chunk's buffers
+            for g, chunk, weights, exp_avg, exp_avg_sq in self.flat_chunks:
+                # a chunk with a parameter left without a gradient keeps torch's semantics (that parameter is
+                # not updated at all) through the per-tensor path below
+                if g is group and all(p.grad is not None for p in chunk):
+                    grad = torch.cat([p.grad.reshape(-1) for p in chunk])
+                    _adamw_update(weights, grad, exp_avg, exp_avg_sq, wd, decay, beta1, beta2, denom_scale,
+                                  denom_eps)
+                    flat.update(id(p) for p in chunk)
             for p in params:
-                st = self.state[p]
-                if wd != 0:
-                    p.mul_(decay)
-                st["exp_avg"].lerp_(p.grad, 1 - beta1)
-                st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                p.addcdiv_(st["exp_avg"], (st["exp_avg_sq"].sqrt() / denom_scale).add_(denom_eps))
+                if id(p) not in flat:
+                    st = self.state[p]
+                    _adamw_update(p, p.grad, st["exp_avg"], st["exp_avg_sq"], wd, decay, beta1, beta2, denom_scale,
+                                  denom_eps)
         return loss
+
+
+def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  wd: float, decay: torch.Tensor, beta1: float, beta2: float, denom_scale: torch.Tensor,
+                  denom_eps: torch.Tensor) -> None:
+    """One AdamW update of `param` in place (torch's capturable single-tensor ops, in its order), elementwise:
+    the same for one parameter tensor as for a flat buffer of many."""
+    if wd != 0:
+        param.mul_(decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    param.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / denom_scale).add_(denom_eps))
 
 
 def make_optimizer(

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import fsio, runtime
@@ -148,11 +149,13 @@ class RunCheckpoints:
             trim_metrics(self.metrics_path, state.step)
         return position
 
-    def after_step(self, step: int, state: Any, data_position: dict[str, Any]) -> bool:
-        """At the end of step `step`: save when due (the cadence, or a preemption notice); True when the run
-        must stop now (preempted, with its checkpoint durable)."""
+    def after_step(self, step: int, state: Any, data_position: dict[str, Any],
+                   before_save: Callable[[], None] = lambda: None) -> bool:
+        """At the end of step `step`: save when due (the cadence, or a preemption notice), calling `before_save`
+        first; True when the run must stop now (preempted, with its checkpoint durable)."""
         preempted = self.preemption.due(step)
         if (self.every and step % self.every == 0 or preempted) and self.saved_step != step:
+            before_save()
             t0 = time.perf_counter()
             self.store.save(step, self.tensors(state), {"global_step": step, "data": data_position},
                             self.fingerprint)

@@ -600,3 +600,42 @@ def drop_pending(device: torch.device) -> None:
     import torch_xla
 
     torch_xla._XLAC._clear_pending_irs(str(device))
+
+
+def value_ids(tensors: list[torch.Tensor]) -> list[object]:
+    """An identity of each tensor's current value (its pending IR node, or its buffer): equal before and after
+    some work exactly when the work left the tensor as it was."""
+    import torch_xla
+
+    ident = torch_xla._XLAC._unique_id_for_ir_and_data
+    return [ident(t) for t in tensors]
+
+
+def release_buffer(tensor: torch.Tensor) -> None:
+    """Let `tensor` keep its shape and dtype but hold no device buffer (torch_xla's placeholder): its memory is
+    freed, and reading its value is an error until it is given one again. A Parameter through `.data =`."""
+    from torch_xla.core.xla_builder import create_placeholder_tensor
+
+    empty = create_placeholder_tensor(tuple(tensor.shape), tensor.dtype)
+    if isinstance(tensor, torch.nn.Parameter):
+        tensor.data = empty
+    else:
+        import torch_xla
+
+        torch_xla._XLAC._replace_xla_tensor(tensor, empty)
+
+
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    """True for a tensor left by `release_buffer`: no device buffer, no pending computation, no host data."""
+    import torch_xla
+
+    info = torch_xla._XLAC._get_xla_tensor_debug_info(tensor)
+    return "IR: None" in info and "Data Handle: None" in info and "Tensor on host: None" in info
+
+
+def mark_replicated(tensor: torch.Tensor) -> None:
+    """Annotate a (pending) device tensor as replicated over the mesh, so GSPMD's propagation cannot give the
+    graph output it becomes another sharding."""
+    import torch_xla
+
+    torch_xla._XLAC._xla_mark_sharding(tensor, _op_sharding("{replicated}"))

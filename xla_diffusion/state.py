@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from . import runtime
 from .ema import EmaWeights
-from .optim import LrSchedule, make_optimizer, prime_optimizer
+from .optim import LrSchedule, SharedStepAdamW, make_optimizer, prime_optimizer
+from .replay import FLAT_ELEMENTS, REPLICATED, StateLayout
 
 
 @dataclass
@@ -66,6 +68,61 @@ class TrainState:
         if self.ema is not None:
             out += self.ema.shadow
         return out
+
+    def flat_layout(self, tensors: list[torch.Tensor]) -> StateLayout | None:
+        """How a replayed step keeps `tensors` (this state's `step_tensors()`) in flat buffers: per chunk of a param
+        group's parameters (at most FLAT_ELEMENTS elements), one buffer each for their weights, exp_avg,
+        exp_avg_sq and EMA shadows, in parameter order, so AdamW and the EMA update whole buffers at once
+        (`SharedStepAdamW.flat_chunks`, `EmaWeights.flat_chunks`). A parameter stays a tensor of its own when any
+        of its four is sharded (FSDP), when it takes no gradient, or when it is larger than a buffer. With
+        torch's AdamW (no flat update) the generic layout, whose buffers are gathered from their tensors."""
+        if not isinstance(self.optimizer, SharedStepAdamW):
+            return StateLayout.of(tensors)
+        index = {id(t): i for i, t in enumerate(tensors)}
+        shadows = dict(zip(map(id, self.ema.params), self.ema.shadow)) if self.ema is not None else None
+
+        def parts(p: torch.Tensor) -> list[torch.Tensor | None]:
+            st = self.optimizer.state.get(p, {})
+            return [p, st.get("exp_avg"), st.get("exp_avg_sq")] + ([shadows.get(id(p))] if shadows is not None else [])
+
+        def flat_ok(p: torch.Tensor) -> bool:
+            return p.requires_grad and p.numel() <= FLAT_ELEMENTS and all(
+                t is not None and id(t) in index and t.dtype == p.dtype and t.shape == p.shape
+                and runtime.sharding_spec_string(t) in REPLICATED for t in parts(p))
+
+        chunks: list[tuple[dict, list[torch.Tensor]]] = []
+        for group in self.optimizer.param_groups:
+            current: list[torch.Tensor] = []
+            size = 0
+            for p in filter(flat_ok, group["params"]):
+                if current and size + p.numel() > FLAT_ELEMENTS:
+                    chunks.append((group, current))
+                    current, size = [], 0
+                current.append(p)
+                size += p.numel()
+            if current:
+                chunks.append((group, current))
+        if not chunks:
+            return None
+        kinds = len(parts(chunks[0][1][0]))  # buffers per chunk: weights, exp_avg, exp_avg_sq[, shadows]
+        members = [[index[id(parts(p)[k])] for p in params] for _, params in chunks for k in range(kinds)]
+        covered = {i for m in members for i in m}
+        loose = [i for i in range(len(tensors)) if i not in covered]
+
+        @contextlib.contextmanager
+        def bind(buffers: list[torch.Tensor]) -> Iterator[None]:
+            own = [buffers[kinds * j:kinds * (j + 1)] for j in range(len(chunks))]
+            self.optimizer.flat_chunks = [(g, ps, *b[:3]) for (g, ps), b in zip(chunks, own)]
+            if self.ema is not None:
+                self.ema.flat_chunks = [(ps, b[0], b[3]) for (_, ps), b in zip(chunks, own)]
+            try:
+                yield
+            finally:
+                self.optimizer.flat_chunks = []
+                if self.ema is not None:
+                    self.ema.flat_chunks = []
+
+        return StateLayout(members, loose, bind)
 
     def step_scalars(self) -> list[torch.Tensor]:
         """The 0-d device tensors `begin_step` fills for each step: every param group's lr, the EMA decay."""

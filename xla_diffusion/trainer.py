@@ -81,7 +81,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = iter(runtime.device_loader(feed, feed.ndims, rt.mesh, cfg.loader_prefetch_size,
                                         cfg.device_prefetch_size))
     checkpoints.preemption.install()
-    replay = StepReplay(cfg.step_graph == "replay")
+    replay = StepReplay(cfg.step_graph != "trace", flat=cfg.step_graph == "replay_flat", layout=state.flat_layout)
+    monitor.other_compilations = lambda: replay.layout_compilations
     try:
         preempted = run_loop(cfg, state, frozen, step_cfg, loader, monitor, evaluator, feed, checkpoints, replay)
         checkpoints.close()  # the last save is durable before the export
@@ -94,7 +95,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return {"preempted": True, "steps": state.step}
     summary = {**run_summary(cfg, rt, state, step_cfg, models, monitor, evaluator, latents),
                "data_skipped": dict(feed.position["skipped"]), **checkpoints.summary(),
-               "replayed_steps": replay.replayed_steps, "replay_refused": replay.refused}
+               "replayed_steps": replay.replayed_steps, "replay_refused": replay.refused,
+               "state_layout_compilations": replay.layout_compilations}
     tracker.close()
     if rt.is_main_process:
         log.info("done: %d steps, %.3f s/step after warm-up, %.1f images/s, %d XLA compilations",
@@ -272,6 +274,13 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
     is traced until it has been recorded, then its graph is replayed. Returns True when a preemption notice
     stopped it (after checkpointing)."""
     replay = replay if replay is not None else StepReplay(enabled=False)
+
+    def unpack() -> None:
+        # The state tensors hold no values while a replayed step's flat buffers do (replay.StateLayout): they get
+        # them back before a checkpoint or an evaluation reads them, and when the loop ends. Not step time; its
+        # compilations (once per layout) are counted in replay.layout_compilations.
+        with monitor.paused(count_compilations=False):
+            replay.unpack()
     profiler = runtime.Profiler(cfg.profile_dir, cfg.profile_start_step, cfg.profile_duration)
     worked_outside = False  # evaluation or a checkpoint since the last graph cut: the next step cuts
     for step in range(state.step + 1, cfg.max_train_steps + 1):
@@ -295,13 +304,16 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
             runtime.sync()
         monitor.after_step(step)
         saved = checkpoints.saved_step
-        if checkpoints.after_step(step, state, feed.position):
+        if checkpoints.after_step(step, state, feed.position, before_save=unpack):
+            unpack()  # (the checkpoint of this step may have been saved before the notice)
             return True
         worked_outside = checkpoints.saved_step != saved
         if evaluator is not None and evaluator.due(step):
+            unpack()
             with monitor.paused(), state.averaged():
                 evaluator.run(step)
             worked_outside = True
+    unpack()
     return False
 
 
