@@ -182,22 +182,33 @@ def test_heldout_latent_dataset_is_read_in_order_and_scored(tiny_pipeline, shape
     assert torch.isfinite(loss)
 
 
+def assert_same_training(a_dir: str, b_dir: str) -> None:
+    """Two runs' logged losses, evaluation losses and exported UNet weights are equal, exactly."""
+    from safetensors.torch import load_file
+
+    a, b = read_metrics(a_dir), read_metrics(b_dir)
+    assert [r["loss"] for r in b if "loss" in r] == [r["loss"] for r in a if "loss" in r]
+    assert [r["eval_loss"] for r in b if "eval_loss" in r] == [r["eval_loss"] for r in a if "eval_loss" in r]
+    wa, wb = (load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")) for d in (a_dir, b_dir))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def replayed_run_summary(out_dir: str) -> dict:
+    """The run's train_summary.json, checked to say that steps 3 and 4 were replayed."""
+    with open(os.path.join(out_dir, "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["replayed_steps"] == 2 and summary["replay_refused"] is None
+    return summary
+
+
 @pytest.mark.slow
 def test_replayed_step_graph_trains_and_evaluates_as_the_traced_one(train_runs):
     """--step_graph replay (the default): steps 3 and 4 run the graph recorded at steps 1-2 without tracing it,
     with the EMA swapped in and out for the evaluation at step 2 in between; losses, evaluations and exported
     weights equal those of the run traced every step exactly, with the same single step compilation."""
-    from safetensors.torch import load_file
-
     traced, replayed = train_runs.succeeded("evalloop_traced"), train_runs.succeeded("evalloop")
-    a, b = read_metrics(traced), read_metrics(replayed)
-    assert [r["loss"] for r in b if "loss" in r] == [r["loss"] for r in a if "loss" in r]
-    assert [r["eval_loss"] for r in b if "eval_loss" in r] == [r["eval_loss"] for r in a if "eval_loss" in r]
-    wa, wb = (load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")) for d in (traced, replayed))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    with open(os.path.join(replayed, "train_summary.json")) as f:
-        summary = json.load(f)
-    assert summary["replayed_steps"] == 2 and summary["replay_refused"] is None
+    assert_same_training(traced, replayed)
+    summary = replayed_run_summary(replayed)
     assert summary["compilations"] == 1
     assert "replaying it from step 3" in train_runs.result("evalloop").stderr
     with open(os.path.join(traced, "train_summary.json")) as f:
@@ -210,18 +221,10 @@ def test_flat_state_replay_trains_evaluates_and_checkpoints_as_the_traced_one(tr
     unpacked for the evaluation at step 2, the checkpoint at step 3 and the export, and packed again before the
     next step. Losses, evaluations and exported weights equal the traced run's exactly, with one step
     compilation; the packing and unpacking graphs compile once each and are counted apart."""
-    from safetensors.torch import load_file
-
     from xla_diffusion.checkpoint import latest_complete
 
     traced, flat = train_runs.succeeded("evalloop_traced"), train_runs.succeeded("evalloop_flat")
-    a, b = read_metrics(traced), read_metrics(flat)
-    assert [r["loss"] for r in b if "loss" in r] == [r["loss"] for r in a if "loss" in r]
-    assert [r["eval_loss"] for r in b if "eval_loss" in r] == [r["eval_loss"] for r in a if "eval_loss" in r]
-    wa, wb = (load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")) for d in (traced, flat))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    with open(os.path.join(flat, "train_summary.json")) as f:
-        summary = json.load(f)
-    assert summary["replayed_steps"] == 2 and summary["replay_refused"] is None
+    assert_same_training(traced, flat)
+    summary = replayed_run_summary(flat)
     assert summary["compilations"] == 1 and summary["state_layout_compilations"] == 2
     assert latest_complete(flat).step == 3

@@ -103,6 +103,8 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
             runtime.sync()
         else:
             assert runtime.pending_count(device=rt.device) == 0  # what the skipped cut would have launched
+    # what the last replayed steps hold (unpack releases it: the held outputs reference the flat buffers)
+    replay.held_lengths = [len(r) for r in replay._held]
     replay.unpack()  # the state tensors get their values back from the flat buffers
     runtime.wait_device_ops()
     losses = [float(v) for v in losses]
@@ -129,7 +131,7 @@ def test_replayed_steps_equal_traced_steps_bit_for_bit(rt):
     assert traced_compiles == 1 and compiles <= 1
     assert replay.layout is None and replay.layout_compilations == 0
     # the outputs of the last HELD_STEPS replayed steps stay referenced (the running step's donated inputs)
-    assert [len(r) for r in replay._held] == [len(state) + 1] * HELD_STEPS
+    assert replay.held_lengths == [len(state) + 1] * HELD_STEPS
 
 
 def test_flat_state_replay_equals_traced_steps_bit_for_bit(rt):
@@ -151,7 +153,7 @@ def test_flat_state_replay_equals_traced_steps_bit_for_bit(rt):
     assert replay.layout.members == [list(range(6)), exp_avg, [i + 1 for i in exp_avg], list(range(19, 25))]
     assert replay.layout.loose == [8]
     assert replay.layout_compilations == 2
-    assert [len(r) for r in replay._held] == [4 + 1 + 1] * HELD_STEPS
+    assert replay.held_lengths == [4 + 1 + 1] * HELD_STEPS and replay._held == []  # released by unpack
 
 
 def test_generic_flat_layout_gathers_the_updated_tensors(rt):
@@ -162,7 +164,7 @@ def test_generic_flat_layout_gathers_the_updated_tensors(rt):
     losses, state, replay, compiles = _run(rt, enabled=True, flat=True, gathered=True, check_packed=True)
     assert replay.replayed_steps == STEPS - 2 and compiles <= 1
     assert replay.layout.members == [list(range(len(state)))] and replay.layout.loose == []
-    assert [len(r) for r in replay._held] == [1 + 1] * HELD_STEPS
+    assert replay.held_lengths == [1 + 1] * HELD_STEPS
     assert losses == traced_losses
     for a, b in zip(state, traced):
         assert torch.equal(a, b)
@@ -187,7 +189,7 @@ def test_sharded_state_stays_per_tensor_beside_the_flat_buffer(rt):
     assert replay.replayed_steps == STEPS - 2 and compiles <= 1
     loose, members = replay.layout.loose, [i for m in replay.layout.members for i in m]
     assert len(loose) > 0 and len(members) > 1 and sorted(loose + members) == list(range(len(state)))
-    assert [len(r) for r in replay._held] == [len(replay.layout.members) + len(loose) + 1] * HELD_STEPS
+    assert replay.held_lengths == [len(replay.layout.members) + len(loose) + 1] * HELD_STEPS
     assert losses == traced_losses
     for a, b in zip(state, traced):
         assert torch.equal(a, b)

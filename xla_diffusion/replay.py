@@ -200,12 +200,13 @@ class StateLayout:
         if self.buffers is None:
             return
         c0 = runtime.compile_count()
-        for members, buffer in zip(self.members, self.buffers):
+        buffers, self.buffers = self.buffers, None
+        for members in self.members:
+            buffer = buffers.pop(0)  # unreferenced here once its slices are taken (as `pack` frees the tensors)
             tensors = [state[i] for i in members]
             _assign(tensors, buffer)
             runtime.materialise(tensors)
         self.compilations += runtime.compile_count() - c0
-        self.buffers = None
 
 
 def _assign(tensors: list[torch.Tensor], buffer: torch.Tensor) -> None:
@@ -270,7 +271,8 @@ class StepReplay:
     def unpack(self) -> None:
         """Give every state tensor its value again (their flat buffers are dropped): call before anything outside
         the step reads or changes the state. A no-op when nothing is packed; the next replayed step packs again."""
-        if self.layout is not None:
+        if self.layout is not None and self.layout.packed:
+            self._held.clear()  # they reference the buffers: no step runs before the next pack anyway
             self.layout.unpack(self._state)
 
     def cut_needed(self, closures: bool) -> bool:
