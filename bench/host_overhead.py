@@ -22,7 +22,7 @@ n's execution; here it is measured on its own. Host time = wall time - device wa
 ExecuteReplicatedTime metric is printed beside the measured wait.
 
 The mode `replay-flat` (`--step_graph replay_flat`) keeps the replicated state (weights, AdamW moments, EMA
-shadows) in a few flat buffers while replaying (`replay.StateLayout`), where the default hands the replayed
+shadows) in a few flat buffers while replaying (`flat_state.StateLayout`), where the default hands the replayed
 graph every state tensor as an input of its own and points each at an output. The mode `replay-loader-cut`
 adds back the graph cut torch_xla's MpDeviceLoader made before handing out each batch (its default), which
 the trainer's loader no longer makes. The mode `replay-cut-every-step` adds back the loop's graph cut after

@@ -43,7 +43,7 @@ class EmaWeights:
             self.shadow = [runtime.device_copy(p) for p in self.params]
         [self._decay] = runtime.to_device([torch.zeros((), dtype=torch.float32)], device)
         self.decay = 0.0
-        # While a replayed step is recorded with flat state (replay.StateLayout, bound by state.TrainState): per
+        # While a replayed step is recorded with flat state (flat_state.StateLayout, bound by state.TrainState): per
         # chunk of parameters, (the parameters, the flat buffer of their updated weights, that of their shadows)
         self.flat_chunks: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
 

@@ -33,7 +33,7 @@ class StepMonitor:
         self.compile_base = runtime.compile_count()
         self.excluded_compilations = 0  # compiled inside paused() blocks, not by the step
         # graphs compiled outside paused() blocks that are not the step's either: packing and unpacking the
-        # replayed step's flat state (replay.StateLayout)
+        # replayed step's flat state (flat_state.StateLayout)
         self.other_compilations: Callable[[], int] = lambda: 0
         self.paused_s = 0.0
         self.start = time.perf_counter()

@@ -38,7 +38,7 @@ class SharedStepAdamW(torch.optim.AdamW):
                  eps: float) -> None:
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, amsgrad=False,
                          capturable=True, foreach=False)
-        # While a replayed step is recorded with flat state (replay.StateLayout, bound by state.TrainState): per
+        # While a replayed step is recorded with flat state (flat_state.StateLayout, bound by state.TrainState): per
         # chunk of a group's parameters, the flat buffers of (weights, exp_avg, exp_avg_sq), each the chunk's
         # tensors flattened and concatenated in order. The update then runs on the buffers, a few large ops.
         self.flat_chunks: list[tuple[dict, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -47,7 +47,7 @@ class SharedStepAdamW(torch.optim.AdamW):
         """The group's shared step count, created (0, on the parameters' device) and given to every parameter's
         state on first use; the moments of a parameter without state are created as zeros, as torch's AdamW
         creates them inside its first step."""
-        shared = next((self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})), None)
+        shared = existing_group_step(self, group)
         if shared is None:
             shared = torch.zeros((), dtype=_get_scalar_dtype(), device=group["params"][0].device)
         for p in group["params"]:
@@ -132,6 +132,12 @@ def make_optimizer(
     )
 
 
+def existing_group_step(optimizer: torch.optim.Optimizer, group: dict) -> torch.Tensor | None:
+    """The `step` tensor of the first parameter of `group` that has one (a SharedStepAdamW group's shared count),
+    or None."""
+    return next((optimizer.state[p]["step"] for p in group["params"] if "step" in optimizer.state.get(p, {})), None)
+
+
 def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Create Adam/AdamW's per-parameter state (step, exp_avg, exp_avg_sq[, max_exp_avg_sq]) as zeros, so a
     checkpoint can be loaded into it in place; parameters that already have state are left alone.
@@ -149,8 +155,7 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         if group.get("fused"):
             raise TypeError("prime_optimizer does not handle fused Adam/AdamW (its step lives elsewhere)")
-        group_step = next((optimizer.state[p]["step"] for p in group["params"]
-                           if shared and "step" in optimizer.state.get(p, {})), None)
+        group_step = existing_group_step(optimizer, group) if shared else None
         for p in group["params"]:
             if optimizer.state.get(p):
                 continue

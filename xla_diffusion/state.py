@@ -12,8 +12,8 @@ import torch
 
 from . import runtime
 from .ema import EmaWeights
+from .flat_state import FLAT_ELEMENTS, REPLICATED, StateLayout
 from .optim import LrSchedule, SharedStepAdamW, make_optimizer, prime_optimizer
-from .replay import FLAT_ELEMENTS, REPLICATED, StateLayout
 
 
 @dataclass

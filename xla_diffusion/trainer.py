@@ -276,7 +276,7 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
     replay = replay if replay is not None else StepReplay(enabled=False)
 
     def unpack() -> None:
-        # The state tensors hold no values while a replayed step's flat buffers do (replay.StateLayout): they get
+        # The state tensors hold no values while a replayed step's flat buffers do (flat_state.StateLayout): they get
         # them back before a checkpoint or an evaluation reads them, and when the loop ends. Not step time; its
         # compilations (once per layout) are counted in replay.layout_compilations.
         with monitor.paused(count_compilations=False):
