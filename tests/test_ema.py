@@ -54,12 +54,15 @@ def test_applied_swaps_the_average_in_and_the_weights_back():
 
 
 @pytest.mark.slow
-def test_average_in_the_xla_step_matches_diffusers_and_compiles_once():
+@pytest.mark.parametrize("counted", [False, True], ids=["decay_sent", "decay_from_step_count"])
+def test_average_in_the_xla_step_matches_diffusers_and_compiles_once(counted):
     """A small model trained on the mesh with the production optimizer and the EMA update traced into the
     step: after every step the device average equals diffusers' EMAModel fed the same weights, and steps
-    3..6 (six different decays) reuse the step-2 graph."""
+    3..6 (six different decays) reuse the step-2 graph. `counted`: the graph computes the decay from AdamW's
+    step count (the trainer's EMA), instead of reading the decay the host sends."""
     from xla_diffusion import runtime
-    from xla_diffusion.optim import make_optimizer
+    from xla_diffusion.optim import make_optimizer, prime_optimizer
+    from xla_diffusion.state import update_count
 
     rt = runtime.init_runtime()
     torch.manual_seed(0)
@@ -67,7 +70,9 @@ def test_average_in_the_xla_step_matches_diffusers_and_compiles_once():
     ref = _reference(list(model.parameters()), 0.99)
     model = model.to(rt.device)
     opt = make_optimizer(model, 1e-2, (0.9, 0.999), 1e-2, 1e-8)
-    ema = EmaWeights(list(model.parameters()), 0.99)
+    if counted:
+        prime_optimizer(opt)
+    ema = EmaWeights(list(model.parameters()), 0.99, update_count=update_count(opt) if counted else None)
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     compiles = []
     for n in range(1, 7):
@@ -85,3 +90,24 @@ def test_average_in_the_xla_step_matches_diffusers_and_compiles_once():
         for s, r in zip(ema.shadow, ref.shadow_params):
             torch.testing.assert_close(s.cpu(), r, rtol=1e-5, atol=1e-6)
     assert sum(compiles[2:]) == 0, compiles
+
+
+def test_a_decay_the_device_holds_is_not_sent_again():
+    """The decay tensor gets a new value only when the decay changes: not at update 1 (0, as it starts), every
+    update while it warms up, no more once it reaches the cap."""
+    ema = EmaWeights([torch.nn.Parameter(torch.zeros(2))], 0.5)  # 9 / (9 + 9) = 0.5: capped from update 9 on
+    sent = {n: ema.device_values(n) for n in range(1, 12)}
+    assert [n for n, (targets, _) in sent.items() if targets] == list(range(2, 10))
+    assert all(targets == [] or targets[0] is ema.decay_tensor for targets, _ in sent.values())
+    assert sent[5][1] == [5 / 14] and ema.decay == 0.5
+
+
+def test_decay_from_the_update_count_is_the_hosts():
+    """The decay the step computes from the device update count (fp32) equals the host's `ema_decay` rounded to
+    fp32, at every update up to 100,000, for the caps users set; an EMA with a count sends no decay."""
+    n = torch.arange(1, 100_001)
+    for cap in (0.99, 0.999, 0.9999):
+        ema = EmaWeights([torch.nn.Parameter(torch.zeros(1))], cap, update_count=n)
+        host = torch.tensor([ema_decay(k, cap) for k in range(1, 100_001)], dtype=torch.float32)
+        assert torch.equal(ema._traced_decay(), host)
+        assert ema.device_values(5) == ([], []) and ema.decay == 5 / 14 and ema.decay_tensor is None

@@ -75,3 +75,15 @@ def test_warmup_step_zero_leaves_parameters_without_gradient_finite():
     after = [p.detach().cpu() for p in model.parameters()]
     assert all(torch.isfinite(a).all() for a in after)
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_a_value_the_device_lr_holds_is_not_sent_again():
+    """The host sends the lr only when it changes: once for a constant schedule, every step while it moves."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=torch.tensor(1e-3), capturable=False)
+    lr_tensor = opt.param_groups[0]["lr"]
+    constant, linear = LrSchedule(opt, "constant", 0, 5), LrSchedule(opt, "linear", 0, 5)
+    sent = [constant.device_values(k)[0] for k in range(5)]
+    assert [len(t) for t in sent] == [1, 0, 0, 0, 0] and sent[0][0] is lr_tensor
+    moving = [linear.device_values(k) for k in range(4)]
+    assert [len(t) for t, _ in moving] == [1, 1, 1, 1]
+    assert [v for _, [v] in moving] == pytest.approx([1e-3, 0.8e-3, 0.6e-3, 0.4e-3])

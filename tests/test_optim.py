@@ -102,3 +102,22 @@ def test_checkpoint_layout_and_step_tensors():
     assert len({id(flat[f"optimizer.{n}.step"]) for n in names}) == 1
     tensors = st.step_tensors()
     assert len(tensors) == len({id(t) for t in tensors}) == 4 + 4 * 2 + 1 + 4  # params, moments, step, EMA
+
+
+def test_step_tensors_kept_while_they_stay_the_state():
+    """step_tensors() lists the state once and hands out that list while it is still the state; after the EMA
+    swaps its shadow tensors (evaluation on the averaged weights) or AdamW gains state, it lists again."""
+    cfg = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
+                          adam_epsilon=1e-8, lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=3,
+                          use_ema=True, ema_decay=0.99)
+    st = TrainState.create(copy.deepcopy(_model()), cfg)
+    first = st.step_tensors()
+    assert st.step_tensors() is first
+    with st.averaged():
+        pass
+    again = st.step_tensors()
+    assert again is not first
+    assert [id(t) for t in again] == [id(t) for t in st._list_step_tensors() + st.ema.shadow]
+    assert [id(t) for t in again[:-4]] == [id(t) for t in first[:-4]]  # the optimizer's part did not change
+    st.optimizer.state[torch.nn.Parameter(torch.zeros(2))]["exp_avg"] = torch.zeros(2)  # state for one more
+    assert st.step_tensors() is not again

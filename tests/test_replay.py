@@ -54,8 +54,8 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
     """STEPS optimizer steps through StepReplay; returns (losses, final state on the host, replay, compilations).
     `primed=False` leaves AdamW's state to be created inside the first step; `frozen_bias` gives the output
     layer's bias no gradient, so the step leaves it (and its AdamW moments) unchanged. The graph is cut after
-    every step (a closure reads each loss), or with `cut_when_needed` only when `replay.cut_needed` says so
-    (no closures: the losses are read at the end), checking that nothing is left pending when it does not.
+    every step, or with `cut_when_needed` only when `replay.cut_needed` says so, checking that nothing is left
+    pending when it does not; a step closure reads each loss (after a replayed step without a cut).
     `flat`: StepReplay's flat state (--step_graph replay_flat), in TrainState's layout (AdamW and the EMA
     update whole buffers) or with `gathered` in the generic one (each buffer gathered from its updated
     tensors); `check_packed`: after each replayed step, check that the packed state tensors hold no device
@@ -94,15 +94,12 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
             tensors = st.step_tensors()
             members = {i for m in replay.layout.members for i in m}
             assert [runtime.is_placeholder(t) for t in tensors] == [i in members for i in range(len(tensors))]
-        if not cut_when_needed:
-            runtime.add_step_closure(lambda v: losses.append(float(v)), (loss,))
-            runtime.sync()
-            continue
-        losses.append(loss)
-        if replay.cut_needed(closures=False):
-            runtime.sync()
+        runtime.add_step_closure(lambda v: losses.append(float(v)), (loss,))
+        if not cut_when_needed or replay.cut_needed():
+            runtime.sync()  # launches a traced step, then runs the closure
         else:
             assert runtime.pending_count(device=rt.device) == 0  # what the skipped cut would have launched
+            runtime.run_step_closures()
     # what the last replayed steps hold (unpack releases it: the held outputs reference the flat buffers)
     replay.held_lengths = [len(r) for r in replay._held]
     replay.unpack()  # the state tensors get their values back from the flat buffers

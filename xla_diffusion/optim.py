@@ -200,22 +200,30 @@ class LrSchedule:
         self.peak = float(lr.detach().cpu()) if isinstance(lr, torch.Tensor) else float(lr)
         self.factor = lr_factor_fn(name, warmup_steps, total_steps, self.peak)
         self.lr = self.peak
+        self._device_lr: dict[int, float] = {}  # id of a group's device lr tensor -> the value last sent to it
 
     def set_step(self, step: int) -> float:
-        """Set the lr for 0-based optimizer step `step` in every param group; returns it (the schedule's value).
+        """Set the lr for 0-based optimizer step `step` in every param group; returns it (the schedule's value)."""
+        runtime.fill_scalars(*self.device_values(step))
+        return self.lr
+
+    def device_values(self, step: int) -> tuple[list[torch.Tensor], list[float]]:
+        """Set the lr for 0-based optimizer step `step` in every param group whose lr is a float, and return the
+        device lr tensors whose value changes, with their new value: the caller must fill them
+        (`runtime.fill_scalars`, as `set_step` does). A value the tensors already hold is not sent again (a
+        constant schedule's lr after the first step).
 
         The device lr is at least LR_FLOOR: capturable AdamW divides by -lr / bias_correction1, so at an lr of
         exactly 0 (warm-up's first step) a parameter whose gradient is 0 (both moments 0) gets 0 / (0 / -0)
         = NaN. At 1e-20 the update is 1e-20 x the Adam direction, below fp32 resolution of any weight."""
         self.lr = self.peak * self.factor(step)
+        value = max(self.lr, LR_FLOOR)
+        targets = []
         for group in self.optimizer.param_groups:
-            if isinstance(group["lr"], torch.Tensor):
-                # from device data: a CPU source would make an lr of 0 (warm-up's first step) a graph constant
-                device_lr = torch.tensor(max(self.lr, LR_FLOOR), dtype=torch.float32)
-                [lr] = runtime.to_device([device_lr], group["lr"].device)
-                # the new buffer itself, not a copy_ into the old one: a copy into a replicated-annotated
-                # tensor is a (custom-sharding) op, graph work every step; this is plain device data
-                group["lr"].data = lr
-            else:
+            if not isinstance(group["lr"], torch.Tensor):
                 group["lr"] = self.lr
-        return self.lr
+            elif self._device_lr.get(id(group["lr"])) != value:
+                # from device data (`fill_scalars`): a CPU source would make an lr of 0 a graph constant
+                targets.append(group["lr"])
+                self._device_lr[id(group["lr"])] = value
+        return targets, [value] * len(targets)

@@ -87,7 +87,8 @@ class StepReplay:
       dtypes and shardings on every call.
 
     With `enabled=False` it only calls `fn()`. The caller cuts the graph after a step when `cut_needed` says so
-    (`runtime.sync`): that runs its step closures, and launches the traced step while not replaying. With `flat`
+    (`runtime.sync`): that launches the traced step while not replaying, and runs its step closures (after a
+    replayed step, `runtime.run_step_closures` runs them). With `flat`
     the replicated state is packed into flat buffers from the first recording on (`StateLayout`; `layout(state)`
     makes it, by default `StateLayout.of`); the caller then calls `unpack()` before anything else reads or
     changes the state tensors.
@@ -127,15 +128,16 @@ class StepReplay:
             self._held.clear()  # they reference the buffers: no step runs before the next pack anyway
             self.layout.unpack(self._state)
 
-    def cut_needed(self, closures: bool) -> bool:
-        """Whether the caller must cut the graph after the step just called: always after a traced or recorded
-        step (the cut launches it), and after a replayed one only when step closures wait for a cut.
+    def cut_needed(self) -> bool:
+        """Whether the caller must cut the graph after the step just called: after a traced or recorded step (the
+        cut launches it), not after a replayed one.
 
         A replayed step launched its compiled graph itself and leaves nothing pending, so a cut would only walk
         every live device tensor: with the state and the held outputs that is ~10k tensors for SD2-base's UNet,
-        29-37 ms of host CPU per step in two runs of bench/host_overhead.py. The caller still cuts after work
-        of its own outside the step (evaluation, checkpoints)."""
-        return closures or not self.replayed_last
+        29-37 ms of host CPU per step in two runs of bench/host_overhead.py. Its step closures (metrics) run
+        without a cut (`runtime.run_step_closures`). The caller still cuts after work of its own outside the step
+        (evaluation, checkpoints)."""
+        return not self.replayed_last
 
     def __call__(self, fn: Callable[[], Sequence[torch.Tensor]], state: Sequence[torch.Tensor],
                  inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

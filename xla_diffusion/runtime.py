@@ -226,6 +226,17 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     return xm.send_cpu_data_to_device([t.cpu() for t in tensors], device)
 
 
+def fill_scalars(targets: list[torch.Tensor], values: list[float]) -> None:
+    """Give each 0-d device tensor of `targets` its entry of `values`, as new device data (`to_device`; one
+    transfer call for all of them). The new buffer itself, not a `copy_` into the old one: a copy into a
+    replicated-annotated tensor is a (custom-sharding) op, graph work every step; this is plain device data."""
+    if not targets:
+        return
+    host = [torch.tensor(v, dtype=t.dtype) for t, v in zip(targets, values)]
+    for t, value in zip(targets, to_device(host, targets[0].device)):
+        t.data = value
+
+
 def place_trained(module: M, mesh: object) -> M:
     """The trained module on the mesh's device, its parameters annotated as replicated over the mesh, as the
     step's outputs will be: unannotated parameters make step 1's graph differ from every later one (see
@@ -305,6 +316,15 @@ def add_step_closure(fn, args: tuple = ()) -> None:
     import torch_xla.core.xla_model as xm
 
     xm.add_step_closure(fn, args=args)
+
+
+def run_step_closures() -> None:
+    """Run the step closures queued so far without cutting the graph: only when nothing is pending whose value
+    they need (after a replayed step, whose graph already ran). A cut (`sync`) would also run them, but it walks
+    every live device tensor first."""
+    import torch_xla.core.xla_model as xm
+
+    xm._run_step_closures()
 
 
 class Profiler:

@@ -300,8 +300,10 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
         if logged:
             skipped = {"data_skipped": dict(feed.position["skipped"])} if feed.position["skipped"] else {}
             runtime.add_step_closure(monitor.on_step_done, (step, loss, grad_norm, lr, skipped))
-        if replay.cut_needed(closures=logged) or worked_outside:
-            runtime.sync()
+        if replay.cut_needed() or worked_outside:
+            runtime.sync()  # launches a traced step, or work done outside the step; runs the closure
+        elif logged:
+            runtime.run_step_closures()  # a replayed step left nothing pending
         monitor.after_step(step)
         saved = checkpoints.saved_step
         if checkpoints.after_step(step, state, feed.position, before_save=unpack):
