@@ -123,8 +123,8 @@ class TrainConfig:
         "without tracing it again (the same graph and results, ~10x less host CPU per step; it falls back to "
         "tracing, with a warning, if the two recordings differ). replay_flat: replay with the replicated weights, "
         "AdamW moments and EMA shadows held in a few flat buffers that AdamW and the EMA update whole (the same "
-        "results; the timed host phases take ~2-3 ms per step instead of ~20-70 ms here, but on this CPU "
-        "backend the step's device time grows; see the README). trace: torch_xla's lazy tracing every step.",
+        "results; the loop's host CPU is ~2 ms per step instead of ~25-85 ms here, but on this CPU backend "
+        "the step's device time grows; see the README). trace: torch_xla's lazy tracing every step.",
         choices=STEP_GRAPHS,
     )
     peak_tflops: float | None = option(
