@@ -12,7 +12,11 @@ worker process on a `--devices` CPU mesh, with timers wrapped around the loop's 
 - graph cut + dispatch: `runtime.sync()`, which hashes the recorded graph, finds it compiled and launches it;
 - closures: the step closure (metrics to the tracker and progress bar) on logging steps;
 - monitor: `StepMonitor.after_step` (progress bar, compile count);
-- other: the rest of the loop's wall time (its Python, the profiler and evaluation checks).
+- other: the rest of the loop's wall time (its Python, the profiler and evaluation checks); its main-thread CPU
+  is the timed window's less the phases'.
+
+A last table gives Python's garbage collections in the timed steps (`gc.callbacks`): their main-thread CPU
+falls inside the phases above, wherever a collection happens to start.
 
 Device time is taken out by measurement, not by assumption: after each graph launch (a replayed step's inside
 the step call, a traced step's at the graph cut) the worker waits for the devices (`wait_device_ops`, and inside the
@@ -26,19 +30,19 @@ shadows) in a few flat buffers while replaying (`flat_state.StateLayout`), where
 graph every state tensor as an input of its own and points each at an output. The mode `replay-loader-cut`
 adds back the graph cut torch_xla's MpDeviceLoader made before handing out each batch (its default), which
 the trainer's loader no longer makes. The mode `replay-cut-every-step` adds back the loop's graph cut after
-every replayed step; the loop now cuts only when a step closure waits for it (logging steps) or after
-evaluation or a checkpoint (`StepReplay.cut_needed`). The mode `replay-torch-adamw` puts back torch's AdamW,
-whose step count per parameter is one more state tensor per parameter tensor than `optim.SharedStepAdamW`'s
-one per param group.
+every replayed step; the loop now cuts only after a traced step, evaluation or a checkpoint
+(`StepReplay.cut_needed`), and runs a replayed logging step's closure without a cut (since stop 27). The mode
+`replay-torch-adamw` puts back torch's AdamW, whose step count per parameter is one more state tensor per
+parameter tensor than `optim.SharedStepAdamW`'s one per param group.
 
     .venv/bin/python bench/host_overhead.py [--steps 60] [--warmup 10] [--batch 16] [--unets tiny sd2-base/8]
         [--modes trace replay replay-flat replay-loader-cut replay-cut-every-step
          replay-torch-adamw] [--profile N]
 
-`--profile N` runs cProfile over the replayed steps' `StepReplay._replay` (timed steps only) and prints the N
-functions with the most own time to stderr. Its timings include the profiler's own cost and the bench's device
-waits (`_xla_wait_device_ops`); read them as shares, not as the table's host times. The profiler's cost lands in
-that run's table too ("trace or replay"): take host times from a run without `--profile`.
+`--profile N` runs cProfile over the timed steps' main thread and prints the N functions with the most own time
+to stderr. Its timings include the profiler's own cost and the bench's device waits (`_xla_wait_device_ops`);
+read them as shares, not as the table's host times. The profiler's cost lands in that run's table too: take host
+times from a run without `--profile`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import gc
 import json
 import os
 import pstats
@@ -89,13 +94,14 @@ class Timers:
 
     def __init__(self, start_step: int):
         self.start_step, self.step = start_step, 0
+        self.stopped = False  # after the last timed step: the export's work is not the loop's
         self.total: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.device = self.device_cpu = 0.0
 
     @property
     def on(self) -> bool:
-        return self.step >= self.start_step
+        return self.step >= self.start_step and not self.stopped
 
     def wrap(self, phase: str, fn):
         """`fn` timed as `phase`, less the device waits inside it."""
@@ -119,6 +125,17 @@ def worker(args: argparse.Namespace) -> dict:
 
     timers = Timers(args.warmup + 1)
     device_wait = runtime.wait_device_ops
+    gc_cpu = {"total": 0.0, "collections": 0}
+
+    def gc_timer(phase: str, info: dict) -> None:
+        # Python's garbage collections in the timed steps, wherever they fall (inside the phases or not)
+        if phase == "start":
+            gc_cpu["t0"] = time.thread_time()
+        elif timers.on and "t0" in gc_cpu:
+            gc_cpu["total"] += time.thread_time() - gc_cpu["t0"]
+            gc_cpu["collections"] += 1
+
+    gc.callbacks.append(gc_timer)
 
     def wait_for_device() -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -138,6 +155,9 @@ def worker(args: argparse.Namespace) -> dict:
             timers.step += 1  # the loop asks for step n's batch first
             if timers.step == timers.start_step:
                 timers.exec0 = runtime.metric_seconds("ExecuteReplicatedTime")
+                timers.cpu0 = time.thread_time()
+                if profile is not None:
+                    profile.enable()
             return timers.wrap("loader wait", self.next_batch)()
 
         def next_batch(self):
@@ -176,26 +196,23 @@ def worker(args: argparse.Namespace) -> dict:
 
     runtime.run_compiled = run_then_wait
     if args.mode == "replay-cut-every-step":
-        StepReplay.cut_needed = lambda self, closures: True
+        StepReplay.cut_needed = lambda self: True
     if args.mode == "replay-torch-adamw":
         state.make_optimizer = functools.partial(state.make_optimizer, shared_step=False)
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     profile = cProfile.Profile() if args.profile else None
-    if profile is not None:
-        replay_step = StepReplay._replay
+    TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
+    monitor_step = timers.wrap("monitor", StepMonitor.after_step)
 
-        def profiled_replay(self, *a):
-            if not timers.on:
-                return replay_step(self, *a)
-            profile.enable()
-            try:
-                return replay_step(self, *a)
-            finally:
+    def after_step(self, step: int) -> None:
+        monitor_step(self, step)
+        if step == args.steps:  # the end of the timed window (see `cpu_total` below)
+            timers.cpu_end = time.thread_time()
+            timers.stopped = True
+            if profile is not None:
                 profile.disable()
 
-        StepReplay._replay = profiled_replay
-    TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
-    StepMonitor.after_step = timers.wrap("monitor", StepMonitor.after_step)
+    StepMonitor.after_step = after_step
     cfg = parse_args([
         "--pretrained_model_name_or_path", args.pipeline, "--train_data_dir", args.data, "--resolution", "64",
         "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--mixed_precision", "bf16",
@@ -205,7 +222,7 @@ def worker(args: argparse.Namespace) -> dict:
     ])
     summary = trainer.train(cfg)
     if profile is not None:  # to stderr: stdout's last line is the result
-        print(f"cProfile of the replayed steps ({args.mode}), functions by own time:", file=sys.stderr)
+        print(f"cProfile of the timed steps ({args.mode}), functions by own time:", file=sys.stderr)
         pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
     # train() ends with an export; the loop's wall time is taken up to the monitor's last timing instead
     steps = args.steps - args.warmup
@@ -214,9 +231,15 @@ def worker(args: argparse.Namespace) -> dict:
     phases = {k: v / steps for k, v in timers.total.items()}
     device = timers.device / steps
     phases["other"] = wall / steps - device - sum(phases.values())
-    return {"phases": phases, "cpu": {k: v / steps for k, v in timers.cpu.items()}, "device_s": device,
+    cpu = {k: v / steps for k, v in timers.cpu.items()}
+    # the whole timed window's main-thread CPU, from step warmup + 1's batch to the end of the last step's monitor
+    # call, less the CPU spent waiting for the devices: what the timed phases leave out is the loop's own Python
+    cpu_total = (timers.cpu_end - timers.cpu0 - timers.device_cpu) / steps
+    cpu["other"] = cpu_total - sum(cpu.values())
+    return {"phases": phases, "cpu": cpu, "device_s": device,
             "execute_metric_s": execute / steps, "wall_s": wall / steps, "steps": steps,
-            "compilations": summary["compilations"], "replayed_steps": summary["replayed_steps"]}
+            "compilations": summary["compilations"], "replayed_steps": summary["replayed_steps"],
+            "gc_cpu_s": gc_cpu["total"] / steps, "gc_collections": gc_cpu["collections"] / steps}
 
 
 def main() -> None:
@@ -229,7 +252,7 @@ def main() -> None:
     p.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="print the N functions with the most own time under cProfile in the replayed steps")
+                   help="print the N functions with the most own time under cProfile in the timed steps")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -271,13 +294,21 @@ def main() -> None:
         print(f"| {UNETS[unet]} | {MODES[mode]} | {cells} | **{1e3 * host:.1f}** | {1e3 * res['device_s']:.1f} "
               f"| {1e3 * res['execute_metric_s']:.1f} | {res['compilations']} | {res['replayed_steps']} |")
     print()
-    print("Main-thread CPU ms per step (not inflated by other processes; 'other' has no CPU timer):")
+    print("Main-thread CPU ms per step (not inflated by other processes or threads; 'other': the loop's own Python, "
+          "the window's main-thread CPU less the phases):")
     print()
-    print("| UNet | step | " + " | ".join(PHASES[:-1]) + " | host total |")
-    print("| --- | --- |" + " ---: |" * len(PHASES))
+    print("| UNet | step | " + " | ".join(PHASES) + " | host total |")
+    print("| --- | --- |" + " ---: |" * (len(PHASES) + 1))
     for (unet, mode), res in results.items():
-        cells = " | ".join(f"{1e3 * res['cpu'].get(ph, 0.0):.2f}" for ph in PHASES[:-1])
+        cells = " | ".join(f"{1e3 * res['cpu'].get(ph, 0.0):.2f}" for ph in PHASES)
         print(f"| {UNETS[unet]} | {MODES[mode]} | {cells} | **{1e3 * sum(res['cpu'].values()):.1f}** |")
+    print()
+    print("Python garbage collection in the timed steps (main-thread CPU, inside the phases above):")
+    print()
+    print("| UNet | step | collections per step | CPU ms per step |")
+    print("| --- | --- | ---: | ---: |")
+    for (unet, mode), res in results.items():
+        print(f"| {UNETS[unet]} | {MODES[mode]} | {res['gc_collections']:.1f} | {1e3 * res['gc_cpu_s']:.2f} |")
 
 
 if __name__ == "__main__":
