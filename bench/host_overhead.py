@@ -5,7 +5,8 @@ worker process on a `--devices` CPU mesh, with timers wrapped around the loop's 
 
 - loader wait: `next()` on the device loader (MpDeviceLoader: host batches and their transfer come from
   background threads; this is how long the loop waits for them);
-- lr/EMA copies: `TrainState.begin_step` (the lr and EMA-decay device scalars filled from the host);
+- lr/EMA copies: `TrainState.begin_step` (the device lr filled from the host when it changes; since stop 27 the
+  step computes the EMA decay from AdamW's step count, so no decay is sent);
 - trace or replay: the step call (`replay.StepReplay`): in trace mode lazy tensors record the whole step's
   graph (the Python `train_step`); in replay mode (`--step_graph replay`, the default) the recorded graph is
   handed the new batch and launched, and the state is pointed at its outputs;

@@ -8,7 +8,7 @@ directly (`torch_xla._XLAC._run_cached_graph`, as torch_xla's dynamo bridge does
 tensors at the outputs. It runs the graph the lazy path compiles (same ops, shardings and buffer donation).
 
 What may change between steps is exactly what the caller declares: the `state` tensors the step updates in place
-(parameters, AdamW state, EMA shadows) and the read-only `inputs` (batch, device lr and EMA decay). Everything
+(parameters, AdamW state, EMA shadows) and the read-only `inputs` (batch, device scalars such as the lr). Everything
 else the graph reads (frozen weights, constants, scalars torch_xla turned into device data) is fixed at the
 first recording. To check that nothing else varies, the step is recorded twice; replay starts only when both
 recordings give the same graph reading the same fixed buffers. Otherwise, or when the graph draws device random
