@@ -7,6 +7,7 @@ worker process on a `--devices` CPU mesh, with timers wrapped around the loop's 
   background threads; this is how long the loop waits for them);
 - lr/EMA copies: `TrainState.begin_step` (the device lr filled from the host when it changes; since stop 27 the
   step computes the EMA decay from AdamW's step count, so no decay is sent);
+- state list: `TrainState.step_tensors` (the list of the step's state tensors, kept between steps);
 - trace or replay: the step call (`replay.StepReplay`): in trace mode lazy tensors record the whole step's
   graph (the Python `train_step`); in replay mode (`--step_graph replay`, the default) the recorded graph is
   handed the new batch and launched, and the state is pointed at its outputs;
@@ -66,7 +67,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 
-PHASES = ("loader wait", "lr/EMA copies", "trace or replay", "graph cut + dispatch", "closures", "monitor", "other")
+PHASES = ("loader wait", "lr/EMA copies", "state list", "trace or replay", "graph cut + dispatch", "closures",
+          "monitor", "other")
 MODES = {"trace": "traced every step", "replay": "replayed (the default)",
          "replay-flat": "replayed, flat state (--step_graph replay_flat)",
          "replay-loader-cut": "replayed, loader cutting the graph before each batch (until stop 21)",
@@ -203,6 +205,7 @@ def worker(args: argparse.Namespace) -> dict:
     StepReplay.__call__ = timers.wrap("trace or replay", StepReplay.__call__)
     profile = cProfile.Profile() if args.profile else None
     TrainState.begin_step = timers.wrap("lr/EMA copies", TrainState.begin_step)
+    TrainState.step_tensors = timers.wrap("state list", TrainState.step_tensors)
     monitor_step = timers.wrap("monitor", StepMonitor.after_step)
 
     def after_step(self, step: int) -> None:
