@@ -123,7 +123,7 @@ class TrainConfig:
         "without tracing it again (the same graph and results, ~10x less host CPU per step; it falls back to "
         "tracing, with a warning, if the two recordings differ). replay_flat: replay with the replicated weights, "
         "AdamW moments and EMA shadows held in a few flat buffers that AdamW and the EMA update whole (the same "
-        "results; the loop's host CPU is ~2 ms per step instead of ~25-85 ms here, but on this CPU backend "
+        "results; the loop's host CPU is ~2 ms per step instead of ~24-87 ms here, but on this CPU backend "
         "the step's device time grows; see the README). trace: torch_xla's lazy tracing every step.",
         choices=STEP_GRAPHS,
     )

@@ -25,7 +25,7 @@ class TrainState:
     ema: EmaWeights | None
     step: int = 0  # optimizer updates done
     # step_tensors()'s list, with what it was listed for (see there)
-    _step_tensors: tuple[tuple[int, int, int], list[torch.Tensor]] | None = field(
+    _step_tensors: tuple[tuple[int, int, int], list[torch.Tensor], tuple[torch.Tensor, ...]] | None = field(
         default=None, repr=False, compare=False)
 
     @classmethod
@@ -67,9 +67,9 @@ class TrainState:
         shadow = self.ema.shadow if self.ema is not None else []
         key = (len(self.optimizer.state), len(self.optimizer.param_groups), len(shadow))
         cached = self._step_tensors
-        if cached is None or cached[0] != key or not all(
-                map(operator.is_, cached[1][len(cached[1]) - len(shadow):], shadow)):
-            cached = self._step_tensors = (key, self._list_step_tensors() + shadow)
+        # (the shadows it was listed with are kept apart: comparing them allocates nothing)
+        if cached is None or cached[0] != key or not all(map(operator.is_, cached[2], shadow)):
+            cached = self._step_tensors = (key, self._list_step_tensors() + shadow, tuple(shadow))
         return cached[1]
 
     def _list_step_tensors(self) -> list[torch.Tensor]:
