@@ -23,7 +23,8 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 
 
-def _shape_bytes(shape: str) -> int:
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape's arrays (e.g. "f32[4,320]{1,0}" or a tuple of arrays)."""
     return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(shape))
 
 
@@ -64,8 +65,8 @@ def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
             result = " ".join(f"{dt}[{dims}]" for dt, dims in arrays[len(arrays) // 2:])
         s = stats[kind]
         s.count += 1
-        s.result_bytes += _shape_bytes(result)
-        s.operand_bytes += sum(_shape_bytes(shapes.get(o, "")) for o in operands)
+        s.result_bytes += shape_bytes(result)
+        s.operand_bytes += sum(shape_bytes(shapes.get(o, "")) for o in operands)
     return stats
 
 
@@ -117,3 +118,42 @@ def read_hlo_dump(dump_dir: str) -> list[DumpedModule]:
                 assignment = f.read()
         modules.append(DumpedModule(name, hlo, assignment))
     return modules
+
+
+_ALIAS = re.compile(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)")
+
+
+def input_output_aliases(hlo_text: str) -> dict[int, int]:
+    """A compiled module's input/output aliasing, from its header: output index (of the entry's result tuple)
+    -> number of the parameter whose buffer that output reuses."""
+    header = hlo_text.split("\n", 1)[0]
+    return {int(out): int(param) for out, param in _ALIAS.findall(header)}
+
+
+def entry_copy_bytes(hlo_text: str) -> int:
+    """Bytes written by the `copy` instructions of a compiled module's entry computation (per device): among
+    them, the copies XLA adds when a donated input's buffer goes to an output not computed from it."""
+    entry = hlo_text[hlo_text.index("\nENTRY "):]
+    total = 0
+    for line in entry.splitlines()[1:]:
+        m = _INSTRUCTION.match(line)
+        if m and m.group(3) == "copy":
+            total += shape_bytes(m.group(2))
+    return total
+
+
+_PARAMETER = re.compile(r"^\s*%\S+ = (.+?) parameter\((\d+)\)")
+
+
+def donated_bytes(hlo_text: str) -> int:
+    """Per-device bytes of a compiled module's entry parameters whose buffers an output reuses."""
+    aliased = set(input_output_aliases(hlo_text).values())
+    entry = hlo_text[hlo_text.index("\nENTRY "):]
+    sizes = {int(m.group(2)): shape_bytes(m.group(1)) for m in map(_PARAMETER.match, entry.splitlines()) if m}
+    return sum(sizes[n] for n in aliased)
+
+
+def step_module(dump_dir: str) -> DumpedModule:
+    """The training step among the modules dumped under `dump_dir`: the one with the most aliased outputs (the
+    step updates its state in place; the other graphs of a run alias little or nothing)."""
+    return max(read_hlo_dump(dump_dir), key=lambda m: len(input_output_aliases(m.hlo_text)))
