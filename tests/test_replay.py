@@ -6,12 +6,20 @@ their values back from `unpack`."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.helpers import with_xla_flags
+from xla_diffusion.hlo import hlo_dump_flags
 from xla_diffusion.replay import HELD_STEPS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +268,21 @@ def test_state_the_step_leaves_unchanged_falls_back_to_tracing(rt, caplog, flat)
     assert losses == traced_losses
     for a, b in zip(state, traced):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["per_tensor", "flat"])
+def test_each_state_buffer_goes_to_its_own_new_value(layout, tmp_path):
+    """In the compiled step graph, the memory of each state input (weights, AdamW moments, EMA shadows, step
+    count; or their flat buffers) is reused by that input's own new value. XLA pairs donated inputs with outputs
+    of equal size in order, not by data flow; the recording orders its outputs so the pairs are right
+    (`replay.donation_order`). Paired wrongly, as when exp_avg's buffer went to exp_avg_sq's new value, XLA
+    copies both every step."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": with_xla_flags(hlo_dump_flags(str(tmp_path)))}
+    proc = subprocess.run([sys.executable, "-m", "tests.replay_alias_worker", layout, str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    own = {int(k): v for k, v in result["own"].items()}
+    aliases = {int(k): v for k, v in result["aliases"].items()}
+    assert len(own) == result["n_state"] == (5 if layout == "flat" else 25)
+    assert aliases == own

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 RECORDINGS = 2  # steps recorded, and compared, before replay starts
 HELD_STEPS = 2  # replayed steps whose outputs stay referenced (see _replay): how far the host may run ahead
+# whether the recorded graph returns the state in `donation_order` (False: as the state list has it, as until
+# stop 28; bench/donation.py compares the two)
+ORDER_FOR_DONATION = True
 
 
 class NotReplayable(Exception):
@@ -47,6 +50,33 @@ def _buffer_handle(t: torch.Tensor) -> int:
     return runtime.buffer_handles(values)[0]
 
 
+def donation_order(state_results: list[torch.Tensor], outputs: list[torch.Tensor], state_handles: list[int],
+                   attempts: int = 4) -> list[int]:
+    """The order in which the recorded graph should return the state's new values (`state_results`, aligned with
+    the buffers of `state_handles`), so that XLA gives each state buffer's memory to that buffer's own new value.
+
+    torch_xla only marks the donated inputs; XLA's OptimizeInputOutputBufferAlias pass then pairs donors with
+    outputs of the same byte size, donors in parameter order against outputs in output order, ignoring which
+    output is computed from which input. Paired wrongly (exp_avg's buffer given to exp_avg_sq's new value, say),
+    XLA must copy both, every step: in the SD2-base-structured graph that was about five copies of the whole
+    state. Returning the state in the order of its buffers' parameter numbers makes every pairing right, for
+    any size classes. The parameter numbers follow the graph's traversal from its roots, so the order is found
+    by iterating: sort by the numbers, trace again, until they come out increasing. Returns positions into
+    `state_results`; the identity when the graph does not read every state buffer or no order settles."""
+    order = list(range(len(state_results)))
+    for _attempt in range(attempts):
+        _, values = runtime.graph_inputs([state_results[k] for k in order] + outputs)
+        number = {h: n for n, h in enumerate(runtime.buffer_handles(values))}
+        numbers = [number.get(state_handles[k]) for k in order]
+        if None in numbers:
+            break
+        if all(a < b for a, b in zip(numbers, numbers[1:])):
+            return order
+        order = [k for _, k in sorted(zip(numbers, order))]
+    log.debug("donation_order: no order of the state's outputs matches its parameter order")
+    return list(range(len(state_results)))
+
+
 @dataclass
 class _Recording:
     graph_hash: bytes
@@ -56,6 +86,7 @@ class _Recording:
     signature: list[tuple]  # shape, dtype and sharding of each input, checked before every replay
     n_state: int
     n_inputs: int
+    order: list[int]  # the state's positions in the graph's outputs (`donation_order`)
     # where each graph parameter comes from in `state + inputs + consts`, worked out once (this is per-tensor host
     # work on every replayed step)
     index: list[int] = field(default_factory=list)
@@ -183,12 +214,15 @@ class StepReplay:
             runtime.materialise(graph_state + inputs)
             runtime.wait_device_ops()  # no buffer is in flight: their handles are read below
             keys: dict[int, tuple[str, int]] = {}
+            state_handles: list[int] = []
             for i, t in enumerate(graph_state + inputs):
                 source = ("state", i) if i < len(graph_state) else ("input", i - len(graph_state))
                 handle = _buffer_handle(t)
                 if handle in keys and source[0] == "state":
                     raise NotReplayable("two tensors the step updates share one device buffer")
                 keys.setdefault(handle, source)
+                if source[0] == "state":
+                    state_handles.append(handle)
             unchanged = False
             if layout is not None:
                 buffers = layout.open(state)  # the members read their slices of the buffers from here on
@@ -204,7 +238,9 @@ class StepReplay:
             loose = [state[i] for i in layout.loose] if layout is not None else state
             if runtime.pending_count(loose) < len(loose) or unchanged:
                 raise NotReplayable("the step leaves some of the tensors it was given as its state unchanged")
-            roots = new + loose + outputs
+            order = (donation_order(new + loose, outputs, state_handles) if ORDER_FOR_DONATION
+                     else list(range(len(new) + len(loose))))
+            roots = [(new + loose)[k] for k in order] + outputs
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
             # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it);
             # the members are pending too, their new values gathered into the roots
@@ -216,7 +252,8 @@ class StepReplay:
             handles = runtime.buffer_handles(values)
             sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
             const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
-            rec = _Recording(b"", sources, const_handles, self._signature(inputs), len(graph_state), len(inputs))
+            rec = _Recording(b"", sources, const_handles, self._signature(inputs), len(graph_state), len(inputs),
+                             order)
             first = self.recording
             if first is not None and ([k for k, _ in first.sources] != [k for k, _ in sources]
                                       or first.const_handles != const_handles):
@@ -234,9 +271,10 @@ class StepReplay:
         if first is not None and rec.graph_hash != first.graph_hash:
             self._refuse("two recordings of the step gave different graphs")
         targets = (buffers if layout is not None else []) + loose  # what the graph's state outputs update
+        targets = [targets[k] for k in order]  # in the order of the graph's outputs
+        self._is_param = [isinstance(t, torch.nn.Parameter) for t in targets]
         if first is None:
             self.recording = rec
-            self._is_param = [isinstance(t, torch.nn.Parameter) for t in targets]
             self._n_state = len(state)
         self.recordings += 1
         results = runtime.run_compiled(rec.graph_hash, values)
@@ -276,7 +314,7 @@ class StepReplay:
         # recorded); PJRT donates the aliased state buffers on every run of that executable, flagged or not.
         results = runtime.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
         n = len(state)
-        self._adopt(state, results[:n])
+        self._adopt([state[k] for k in rec.order], results[:n])
         # Hold the outputs of the last steps: releasing the last reference to a buffer that was donated to a
         # graph still running waits for that graph, so re-pointing the state at step n's outputs would drop
         # step n-1's (the running step's inputs) and block the host until the devices were done, every step.
