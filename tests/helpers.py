@@ -162,6 +162,15 @@ class TrainRuns:
             "--logging_steps", "1", "--seed", "7", "--output_dir", self.out(name),
         ]
 
+    def hlo_dump(self, name: str) -> str:
+        """Where XLA dumps the compiled graphs of run `name` (the replayed runs `evalloop` and `evalloop_flat`)."""
+        return os.path.join(self.root, name + "-hlo")
+
+    def dump_env(self, name: str) -> dict[str, str]:
+        from xla_diffusion.hlo import hlo_dump_flags
+
+        return {"XLA_FLAGS": with_xla_flags(hlo_dump_flags(self.hlo_dump(name)))}
+
     def start_all(self) -> None:
         self.procs["fp32_4dev"] = start_cli(self.common("fp32_4dev", 3) + FP32_ARGS, self.log("fp32_4dev"), 4)
         self.procs["fp32_1dev"] = start_cli(self.common("fp32_1dev", 3) + FP32_ARGS, self.log("fp32_1dev"), 1)
@@ -173,7 +182,8 @@ class TrainRuns:
             self.common("bound", 4) + ["--mixed_precision", "bf16", "--max_compilations", "1"], self.log("bound"), 4,
             script=UNPRIMED_SCRIPT,
         )
-        self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS, self.log("evalloop"), 4)
+        self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS, self.log("evalloop"), 4,
+                                           env=self.dump_env("evalloop"))
         # the same run with the step traced every step (trackers off)
         traced_args = EVAL_LOOP_ARGS[:EVAL_LOOP_ARGS.index("--report_to")] + ["--step_graph", "trace"]
         self.procs["evalloop_traced"] = start_cli(self.common("evalloop_traced", 4) + traced_args,
@@ -181,7 +191,7 @@ class TrainRuns:
         # and with the state in flat buffers while replaying, unpacked for a checkpoint at step 3
         flat_args = traced_args[:-1] + ["replay_flat", "--checkpointing_steps", "3"]
         self.procs["evalloop_flat"] = start_cli(self.common("evalloop_flat", 4) + flat_args,
-                                                self.log("evalloop_flat"), 4)
+                                                self.log("evalloop_flat"), 4, env=self.dump_env("evalloop_flat"))
 
     def result(self, name: str) -> Finished:
         if name not in self.results:

@@ -577,6 +577,14 @@ def materialise(tensors: list[torch.Tensor]) -> None:
         X._xla_sync_multi(pending, devices=[], wait=False, sync_xla_data=True)
 
 
+def optimization_barrier_(tensors: list[torch.Tensor]) -> None:
+    """Make the graph compute all of `tensors` before anything that reads one of them (in place: each tensor
+    becomes its output of the barrier)."""
+    import torch_xla.core.xla_model as xm
+
+    xm.optimization_barrier_(tensors)
+
+
 def donate(tensor: torch.Tensor) -> None:
     """Let the next graph that reads `tensor`'s buffer reuse it for its outputs (the buffer is gone after)."""
     import torch_xla

@@ -15,6 +15,10 @@ from .ema import EmaWeights
 from .errors import ConfigError
 from .xla_ops import xla_friendly_ops
 
+# with flat state, pass the loss and gradients through a barrier before the update (see train_step; False: as until
+# stop 28, for bench/donation.py's comparison)
+FLAT_LOSS_BARRIER = True
+
 
 @dataclass(frozen=True)
 class StepConfig:
@@ -194,6 +198,12 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if FLAT_LOSS_BARRIER and getattr(optimizer, "flat_chunks", None):
+        # Flat state (--step_graph replay_flat): AdamW updates the weights buffer in place, and the loss (an output
+        # of the graph, which the update does not depend on) may read a bias straight from that buffer. XLA then
+        # copies the whole buffer so that read sees the old values. Passing the loss and the gradients through one
+        # barrier puts the loss before the update (bench/donation.py).
+        runtime.optimization_barrier_([loss] + [p.grad for p in params])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
