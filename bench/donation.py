@@ -39,6 +39,7 @@ UNTIL_STOP_28 = ("import xla_diffusion.replay as r\nimport xla_diffusion.train_s
                  "r.ORDER_FOR_DONATION = False\nt.FLAT_LOSS_BARRIER = False")
 MODES = ("replay", "replay_flat")
 
+
 def main() -> None:
     p = trainer_parser(__doc__, devices=4, num_images=256, steps=20, warmup=5)
     p.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))

@@ -285,4 +285,4 @@ def test_each_state_buffer_goes_to_its_own_new_value(layout, tmp_path):
     own = {int(k): v for k, v in result["own"].items()}
     aliases = {int(k): v for k, v in result["aliases"].items()}
     assert len(own) == result["n_state"] == (5 if layout == "flat" else 25)
-    assert aliases == own
+    assert aliases == own, result

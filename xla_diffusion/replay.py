@@ -58,10 +58,10 @@ def donation_order(state_results: list[torch.Tensor], outputs: list[torch.Tensor
     torch_xla only marks the donated inputs; XLA's OptimizeInputOutputBufferAlias pass then pairs donors with
     outputs of the same byte size, donors in parameter order against outputs in output order, ignoring which
     output is computed from which input. Paired wrongly (exp_avg's buffer given to exp_avg_sq's new value, say),
-    XLA must copy both, every step: in the SD2-base-structured graph that was about five copies of the whole
-    state. Returning the state in the order of its buffers' parameter numbers makes every pairing right, for
-    any size classes. The parameter numbers follow the graph's traversal from its roots, so the order is found
-    by iterating: sort by the numbers, trace again, until they come out increasing. Returns positions into
+    XLA must copy both, every step: in the SD2-base-structured graph that was 1.2x the whole state per step
+    (bench/donation.py). Returning the state in the order of its buffers' parameter numbers makes every pairing
+    right, for any size classes. The parameter numbers follow the graph's traversal from its roots, so the order
+    is found by iterating: sort by the numbers, trace again, until they come out increasing. Returns positions into
     `state_results`; the identity when the graph does not read every state buffer or no order settles."""
     order = list(range(len(state_results)))
     for _attempt in range(attempts):
