@@ -6,7 +6,7 @@ OptimizeInputOutputBufferAlias pass then gives each donor to an output of the sa
 parameter order against outputs in output order, whatever the data flow. A weight, its two moments and its EMA
 shadow all have one size, so a pair can be crossed (exp_avg's memory for exp_avg_sq's new value), and XLA then
 copies both every step. Since stop 28 the recorded graph returns the state in the order of its buffers'
-parameter numbers (`replay.donation_order`), which makes every pair right. With flat state one more copy
+parameter numbers (`donation.donation_order`), which makes every pair right. With flat state one more copy
 remained, of the whole weights buffer: the loss, an output the update does not depend on, read a bias straight
 from that buffer. Since stop 28 the loss and the gradients pass through a barrier before the update
 (`train_step.FLAT_LOSS_BARRIER`).

@@ -235,7 +235,7 @@ def test_flat_state_replay_trains_evaluates_and_checkpoints_as_the_traced_one(tr
 def test_replayed_step_graph_copies_none_of_the_state(train_runs, run):
     """The trainer's compiled step graph, replayed per tensor or with flat state, gives each donated state
     buffer to that buffer's own new value, so it copies none of the state. Until stop 28 XLA paired AdamW's
-    moments crosswise and copied both every step (`replay.donation_order`), and with flat state it also copied
+    moments crosswise and copied both every step (`donation.donation_order`), and with flat state it also copied
     the whole weights buffer because the loss read a bias from it (`train_step.FLAT_LOSS_BARRIER`)."""
     from xla_diffusion import hlo
 

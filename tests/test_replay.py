@@ -275,7 +275,7 @@ def test_each_state_buffer_goes_to_its_own_new_value(layout, tmp_path):
     """In the compiled step graph, the memory of each state input (weights, AdamW moments, EMA shadows, step
     count; or their flat buffers) is reused by that input's own new value. XLA pairs donated inputs with outputs
     of equal size in order, not by data flow; the recording orders its outputs so the pairs are right
-    (`replay.donation_order`). Paired wrongly, as when exp_avg's buffer went to exp_avg_sq's new value, XLA
+    (`donation.donation_order`). Paired wrongly, as when exp_avg's buffer went to exp_avg_sq's new value, XLA
     copies both every step."""
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": with_xla_flags(hlo_dump_flags(str(tmp_path)))}
     proc = subprocess.run([sys.executable, "-m", "tests.replay_alias_worker", layout, str(tmp_path)], cwd=ROOT,

@@ -130,12 +130,16 @@ def input_output_aliases(hlo_text: str) -> dict[int, int]:
     return {int(out): int(param) for out, param in _ALIAS.findall(header)}
 
 
+def _entry(hlo_text: str) -> str:
+    """The entry computation of a module's text (from its `ENTRY` line to the end)."""
+    return hlo_text[hlo_text.index("\nENTRY "):]
+
+
 def entry_copy_bytes(hlo_text: str) -> int:
     """Bytes written by the `copy` instructions of a compiled module's entry computation (per device): among
     them, the copies XLA adds when a donated input's buffer goes to an output not computed from it."""
-    entry = hlo_text[hlo_text.index("\nENTRY "):]
     total = 0
-    for line in entry.splitlines()[1:]:
+    for line in _entry(hlo_text).splitlines()[1:]:
         m = _INSTRUCTION.match(line)
         if m and m.group(3) == "copy":
             total += shape_bytes(m.group(2))
@@ -148,8 +152,8 @@ _PARAMETER = re.compile(r"^\s*%\S+ = (.+?) parameter\((\d+)\)")
 def donated_bytes(hlo_text: str) -> int:
     """Per-device bytes of a compiled module's entry parameters whose buffers an output reuses."""
     aliased = set(input_output_aliases(hlo_text).values())
-    entry = hlo_text[hlo_text.index("\nENTRY "):]
-    sizes = {int(m.group(2)): shape_bytes(m.group(1)) for m in map(_PARAMETER.match, entry.splitlines()) if m}
+    sizes = {int(m.group(2)): shape_bytes(m.group(1)) for m in map(_PARAMETER.match, _entry(hlo_text).splitlines())
+             if m}
     return sum(sizes[n] for n in aliased)
 
 
