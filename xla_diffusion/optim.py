@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import runtime
+from . import runtime, runtime_buffers
 
 # The names diffusers' train_text_to_image.py accepts for --lr_scheduler.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -169,9 +169,10 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
                     [step] = runtime.to_device([step], p.device)
                 if shared:
                     group_step = step
-            state = {"step": step, "exp_avg": runtime.device_zeros_like(p), "exp_avg_sq": runtime.device_zeros_like(p)}
+            zeros = runtime_buffers.device_zeros_like
+            state = {"step": step, "exp_avg": zeros(p), "exp_avg_sq": zeros(p)}
             if group["amsgrad"]:
-                state["max_exp_avg_sq"] = runtime.device_zeros_like(p)
+                state["max_exp_avg_sq"] = zeros(p)
             optimizer.state[p] = state
 
 
