@@ -52,7 +52,7 @@ def test_op_times_sums_each_instruction_per_run_and_kind(tmp_path):
     assert t.runs == 2  # three instructions ran twice, the two convolutions three times
 
 
-def test_op_kind_and_a_capture_without_op_events(tmp_path):
+def test_op_kind_and_captures_without_op_events(tmp_path):
     assert xplane.op_kind("convolution.222.clone") == "convolution"
     assert xplane.op_kind("copy_bitcast_fusion.17") == "copy_bitcast_fusion"
     assert xplane.op_kind("divide_add_fusion.clone") == "divide_add_fusion"
@@ -65,6 +65,9 @@ def test_op_kind_and_a_capture_without_op_events(tmp_path):
         xplane.op_times(str(path))
     with pytest.raises(FileNotFoundError):
         xplane.latest_capture(str(tmp_path / "plugins" / "none"))
+    path.write_bytes(b"\xff" * 64)  # a truncated or foreign file: one error naming it
+    with pytest.raises(ValueError, match="not a profile capture"):
+        xplane.op_times(str(path))
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 END = "end: "  # XLA's CPU runtime closes each instruction's event with one named END + the instruction
 # an instruction with an end marker that is only a wrapper: XLA's CPU backend calls ops it prepared for parallel
@@ -29,7 +30,8 @@ CPU_OP_LINES = ("tf_XLAEigen", "tf_XLAPjRtCpuClient")  # XLA's worker threads an
 TPU_OP_LINE = "XLA Ops"
 
 
-def _message_classes() -> tuple[type, ...]:
+def _xspace_class() -> type:
+    """The XSpace message class, with only the fields read here (protobuf skips the others when parsing)."""
     f = descriptor_pb2.FileDescriptorProto(name="xla_diffusion_xplane.proto", package="xla_diffusion.xplane",
                                            syntax="proto3")
     i64, string = descriptor_pb2.FieldDescriptorProto.TYPE_INT64, descriptor_pb2.FieldDescriptorProto.TYPE_STRING
@@ -56,11 +58,10 @@ def _message_classes() -> tuple[type, ...]:
     message("XSpace", [("planes", 1, msg, many, p + "XPlane")])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
-    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"xla_diffusion.xplane.{n}"))
-                 for n in ("XSpace", "XPlane", "XLine", "XEvent", "XEventMetadata"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("xla_diffusion.xplane.XSpace"))
 
 
-XSpace, XPlane, XLine, XEvent, XEventMetadata = _message_classes()
+XSpace = _xspace_class()
 
 
 def latest_capture(profile_dir: str) -> str:
@@ -94,7 +95,10 @@ def op_times(path: str) -> OpTimes:
     Op durations are wall time on their thread: where the devices share cores they include waiting for one."""
     space = XSpace()
     with open(path, "rb") as f:
-        space.ParseFromString(f.read())
+        try:
+            space.ParseFromString(f.read())
+        except DecodeError as e:
+            raise ValueError(f"{path}: not a profile capture (XSpace protobuf): {e}") from None
     total: dict[str, int] = collections.Counter()
     runs: dict[str, int] = collections.Counter()
     for plane in space.planes:
