@@ -9,7 +9,7 @@ worker process on a `--devices` CPU mesh, with timers wrapped around the loop's 
   step computes the EMA decay from AdamW's step count, so no decay is sent);
 - state list: `TrainState.step_tensors` (the list of the step's state tensors, kept between steps);
 - trace or replay: the step call (`replay.StepReplay`): in trace mode lazy tensors record the whole step's
-  graph (the Python `train_step`); in replay mode (`--step_graph replay`, the default) the recorded graph is
+  graph (the Python `train_step`); in replay mode (`--step_graph replay`) the recorded graph is
   handed the new batch and launched, and the state is pointed at its outputs;
 - graph cut + dispatch: `runtime.sync()`, which hashes the recorded graph, finds it compiled and launches it;
 - closures: the step closure (metrics to the tracker and progress bar) on logging steps;
@@ -69,8 +69,8 @@ from bench.common import ROOT, command_line, cpu_env, prepare  # noqa: E402
 
 PHASES = ("loader wait", "lr/EMA copies", "state list", "trace or replay", "graph cut + dispatch", "closures",
           "monitor", "other")
-MODES = {"trace": "traced every step", "replay": "replayed (the default)",
-         "replay-flat": "replayed, flat state (--step_graph replay_flat)",
+MODES = {"trace": "traced every step", "replay": "replayed, per tensor (the default until stop 29)",
+         "replay-flat": "replayed, flat state (--step_graph replay_flat, the default since stop 29)",
          "replay-loader-cut": "replayed, loader cutting the graph before each batch (until stop 21)",
          "replay-cut-every-step": "replayed, graph cut after every step (until stop 22)",
          "replay-torch-adamw": "replayed, torch's AdamW: a step count per parameter (until stop 24)"}

@@ -1,6 +1,6 @@
 """Training step time with pre-encoded latent shards vs on-the-fly encoding (VAE + text encoder in the step),
-and on latent shards with the step graph replayed (the default) vs traced every step (--step_graph trace) vs
-replayed with the state in flat buffers (--step_graph replay_flat).
+and on latent shards with the step graph replayed per tensor (--step_graph replay) vs traced every step
+(--step_graph trace) vs replayed with the state in flat buffers (--step_graph replay_flat, the default).
 
 Same tiny pipeline, same synthetic shapes (64 px, center crop), global batch 16, bf16, on a 4-device CPU
 mesh; the trainer CLI is run once per data path and reports the wall-clock mean over the steps after

@@ -134,12 +134,13 @@ class TrainRuns:
       (tests/unprimed_trainer.py), whose step 2 compiles a second graph: the bound must stop it there;
     - `evalloop`: 4 fp32 steps with an EMA of the weights, the validation loss (a quarter of the data held
       out) and validation samples (3 prompts: a padded batch) every 2 steps, reported to TensorBoard and wandb
-      (in-loop evaluation, tracker and model card tests);
+      (in-loop evaluation, tracker and model card tests), replayed per tensor (--step_graph replay);
     - `evalloop_traced`: `evalloop` without trackers and with --step_graph trace (every step traced, while the
       other runs record steps 1-2 and replay the rest, here across the evaluation at step 2): the same losses,
       evaluations and weights;
-    - `evalloop_flat`: `evalloop_traced` with --step_graph replay_flat and a checkpoint at step 3: the state
-      is unpacked from its flat buffers for the evaluation, the checkpoint and the export, and packed again.
+    - `evalloop_flat`: `evalloop_traced` with --step_graph replay_flat (the default, as in the other runs) and a
+      checkpoint at step 3: the state is unpacked from its flat buffers for the evaluation, the checkpoint and
+      the export, and packed again.
     """
 
     pipeline: str
@@ -182,8 +183,9 @@ class TrainRuns:
             self.common("bound", 4) + ["--mixed_precision", "bf16", "--max_compilations", "1"], self.log("bound"), 4,
             script=UNPRIMED_SCRIPT,
         )
-        self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS, self.log("evalloop"), 4,
-                                           env=self.dump_env("evalloop"))
+        # per tensor: the other runs replay with the default flat state
+        self.procs["evalloop"] = start_cli(self.common("evalloop", 4) + EVAL_LOOP_ARGS + ["--step_graph", "replay"],
+                                           self.log("evalloop"), 4, env=self.dump_env("evalloop"))
         # the same run with the step traced every step (trackers off)
         traced_args = EVAL_LOOP_ARGS[:EVAL_LOOP_ARGS.index("--report_to")] + ["--step_graph", "trace"]
         self.procs["evalloop_traced"] = start_cli(self.common("evalloop_traced", 4) + traced_args,

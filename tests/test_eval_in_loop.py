@@ -203,7 +203,7 @@ def replayed_run_summary(out_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_replayed_step_graph_trains_and_evaluates_as_the_traced_one(train_runs):
-    """--step_graph replay (the default): steps 3 and 4 run the graph recorded at steps 1-2 without tracing it,
+    """--step_graph replay (per tensor): steps 3 and 4 run the graph recorded at steps 1-2 without tracing it,
     with the EMA swapped in and out for the evaluation at step 2 in between; losses, evaluations and exported
     weights equal those of the run traced every step exactly, with the same single step compilation."""
     traced, replayed = train_runs.succeeded("evalloop_traced"), train_runs.succeeded("evalloop")
@@ -217,7 +217,7 @@ def test_replayed_step_graph_trains_and_evaluates_as_the_traced_one(train_runs):
 
 @pytest.mark.slow
 def test_flat_state_replay_trains_evaluates_and_checkpoints_as_the_traced_one(train_runs):
-    """--step_graph replay_flat: the replicated state lives in flat buffers while steps 3-4 replay; it is
+    """--step_graph replay_flat (the default): the replicated state lives in flat buffers while steps 3-4 replay; it is
     unpacked for the evaluation at step 2, the checkpoint at step 3 and the export, and packed again before the
     next step. Losses, evaluations and exported weights equal the traced run's exactly, with one step
     compilation; the packing and unpacking graphs compile once each and are counted apart."""

@@ -119,12 +119,12 @@ class TrainConfig:
         False, "diffusers' flag name, accepted for users' commands: the same as --enable_flash_attention."
     )
     step_graph: str = option(
-        "replay", "replay: trace the training step at steps 1 and 2, then run its compiled graph on each new batch "
-        "without tracing it again (the same graph and results, ~10x less host CPU per step; it falls back to "
-        "tracing, with a warning, if the two recordings differ). replay_flat: replay with the replicated weights, "
-        "AdamW moments and EMA shadows held in a few flat buffers that AdamW and the EMA update whole (the same "
-        "results; the loop's host CPU is ~2 ms per step instead of ~24-87 ms here, but on this CPU backend "
-        "the step's device time grows; see the README). trace: torch_xla's lazy tracing every step.",
+        "replay_flat", "replay_flat: trace the training step at steps 1 and 2, then run its compiled graph on each "
+        "new batch without tracing it again, with the replicated weights, AdamW moments and EMA shadows held in a "
+        "few flat buffers that AdamW and the EMA update whole (the same results as tracing; ~2 ms of host CPU per "
+        "step; it falls back to tracing, with a warning, if the two recordings differ). replay: the same with "
+        "every state tensor an input and output of its own (~20-90 ms of host CPU per step here, no "
+        "concatenation of the gradients in the step; see the README). trace: torch_xla's lazy tracing every step.",
         choices=STEP_GRAPHS,
     )
     peak_tflops: float | None = option(

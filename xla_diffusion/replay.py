@@ -1,4 +1,5 @@
-"""Run the training step's compiled graph again without tracing it again (`--step_graph replay`, the default).
+"""Run the training step's compiled graph again without tracing it again (`--step_graph replay_flat`, the default, and
+`replay`).
 
 torch_xla's lazy tensors record every op of a step in Python each step, then hash the recorded graph to find
 its compiled executable. For the tiny UNet's step that recording costs ~0.1-0.3 s of host CPU per step on
