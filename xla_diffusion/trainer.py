@@ -294,7 +294,8 @@ def run_loop(cfg: TrainConfig, state: TrainState, frozen: FrozenParts, step_cfg:
             state.step_tensors(), [batch[k] for k in sorted(batch)] + state.step_scalars(),
         )
         if replay.replaying and not replaying:
-            log.info("--step_graph replay: the step graph is recorded; replaying it from step %d", step + 1)
+            log.info("--step_graph %s: the step graph is recorded; replaying it from step %d", cfg.step_graph,
+                     step + 1)
         state.step = step
         logged = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
         if logged:
