@@ -121,10 +121,11 @@ class TrainConfig:
     step_graph: str = option(
         "replay_flat", "replay_flat: trace the training step at steps 1 and 2, then run its compiled graph on each "
         "new batch without tracing it again, with the replicated weights, AdamW moments and EMA shadows held in a "
-        "few flat buffers that AdamW and the EMA update whole (the same results as tracing; ~2 ms of host CPU per "
-        "step; it falls back to tracing, with a warning, if the two recordings differ). replay: the same with "
-        "every state tensor an input and output of its own (~20-90 ms of host CPU per step here, no "
-        "concatenation of the gradients in the step; see the README). trace: torch_xla's lazy tracing every step.",
+        "few flat buffers that AdamW and the EMA update whole (the same math as tracing, rounded apart in the "
+        "last bits; ~2 ms of host CPU per step; it falls back to tracing, with a warning, if the two recordings "
+        "differ). replay: the same with every state tensor an input and output of its own (~20-90 ms of host CPU "
+        "per step here, no concatenation of the gradients in the step; see the README). trace: torch_xla's lazy "
+        "tracing every step.",
         choices=STEP_GRAPHS,
     )
     peak_tflops: float | None = option(
