@@ -120,7 +120,7 @@ class Timers:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from xla_diffusion import runtime, runtime_buffers, state, trainer
+    from xla_diffusion import runtime, state, trainer
     from xla_diffusion.config import parse_args
     from xla_diffusion.monitor import StepMonitor
     from xla_diffusion.replay import StepReplay
@@ -188,7 +188,7 @@ def worker(args: argparse.Namespace) -> dict:
         wait_for_device()
 
     runtime.add_step_closure, runtime.sync = timed_closure, sync_then_wait
-    run_compiled = runtime_buffers.run_compiled
+    run_compiled = runtime.run_compiled
 
     def run_then_wait(*a):
         out = run_compiled(*a)
@@ -197,7 +197,7 @@ def worker(args: argparse.Namespace) -> dict:
         wait_for_device()
         return out
 
-    runtime_buffers.run_compiled = run_then_wait
+    runtime.run_compiled = run_then_wait
     if args.mode == "replay-cut-every-step":
         StepReplay.cut_needed = lambda self: True
     if args.mode == "replay-torch-adamw":

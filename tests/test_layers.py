@@ -10,8 +10,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = "xla_diffusion"
 APPS = ("data_prep", "eval", "bench")
-XLA_LAYER = {"xla_diffusion.runtime", "xla_diffusion.runtime_buffers", "xla_diffusion.runtime_checkpoint",
-             "xla_diffusion.sharding"}
+XLA_LAYER = {"xla_diffusion.runtime", "xla_diffusion.sharding"}
 
 
 def project_modules(root: str = ROOT) -> dict[str, str]:

@@ -68,7 +68,7 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
     update whole buffers) or with `gathered` in the generic one (each buffer gathered from its updated
     tensors); `check_packed`: after each replayed step, check that the packed state tensors hold no device
     memory and the loose ones do."""
-    from xla_diffusion import runtime, runtime_buffers
+    from xla_diffusion import runtime
     from xla_diffusion.replay import StepReplay
 
     st = _state(rt, shard_weights)
@@ -101,12 +101,12 @@ def _run(rt, enabled: bool, undeclared: bool = False, primed: bool = True, froze
         if check_packed and replay.replaying:
             tensors = st.step_tensors()
             members = {i for m in replay.layout.members for i in m}
-            assert [runtime_buffers.is_placeholder(t) for t in tensors] == [i in members for i in range(len(tensors))]
+            assert [runtime.is_placeholder(t) for t in tensors] == [i in members for i in range(len(tensors))]
         runtime.add_step_closure(lambda v: losses.append(float(v)), (loss,))
         if not cut_when_needed or replay.cut_needed():
             runtime.sync()  # launches a traced step, then runs the closure
         else:
-            assert runtime_buffers.pending_count(device=rt.device) == 0  # what the skipped cut would have launched
+            assert runtime.pending_count(device=rt.device) == 0  # what the skipped cut would have launched
             runtime.run_step_closures()
     # what the last replayed steps hold (unpack releases it: the held outputs reference the flat buffers)
     replay.held_lengths = [len(r) for r in replay._held]

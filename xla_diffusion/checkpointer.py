@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import fsio, runtime, runtime_buffers, runtime_checkpoint
+from . import fsio, runtime
 from .checkpoint import (
     FORMAT_VERSION,
     MARKER,
@@ -57,7 +57,7 @@ class Checkpointer:
 
     `total_limit`: keep at most this many complete checkpoints (None or 0: keep all); the one just written
     always counts, so retention never removes the only complete checkpoint.
-    `process_group`: a gloo group over all processes (default: `runtime_checkpoint.checkpoint_process_group()`).
+    `process_group`: a gloo group over all processes (default: `runtime.checkpoint_process_group()`).
     `asynchronous`: write in a background thread (the caller is blocked only for the host copy).
     `mesh`: the training mesh. A restore on an identical mesh gives every tensor back the sharding it had when
     saved (bitwise-exact resume); on another mesh (other device count, shape or axes) tensors keep the
@@ -80,8 +80,8 @@ class Checkpointer:
         self.root = checkpoints_root(output_dir)
         self.total_limit = total_limit or None
         self.asynchronous = asynchronous
-        self.mesh_description = runtime_checkpoint.describe_mesh(mesh)
-        self.group = process_group if process_group is not None else runtime_checkpoint.checkpoint_process_group()
+        self.mesh_description = runtime.describe_mesh(mesh)
+        self.group = process_group if process_group is not None else runtime.checkpoint_process_group()
         self.process_index = dist.get_rank(self.group)
         self.process_count = dist.get_world_size(self.group)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -89,7 +89,7 @@ class Checkpointer:
         self._pending_path: str | None = None
         self._lock = threading.Lock()
         self.last_save_seconds: dict[str, float] = {}  # timings of the last finished save (for the bench)
-        runtime_checkpoint.quiet_checkpoint_warnings()
+        runtime.quiet_checkpoint_warnings()
         self._probe_writable()
 
     # ------------------------------------------------------------------------------------- save
@@ -120,7 +120,7 @@ class Checkpointer:
         layout = {"mesh": self.mesh_description,
                   "shardings": {k: runtime.sharding_spec_string(t) for k, t in flat_tensors(state).items()}}
         t0 = time.perf_counter()
-        host = runtime_checkpoint.host_copy_for_checkpoint(dict(state))
+        host = runtime.host_copy_for_checkpoint(dict(state))
         stall = time.perf_counter() - t0
         timings = {"host_copy": stall}
         if not self.asynchronous:
@@ -177,11 +177,11 @@ class Checkpointer:
             # object store torch would fall back to os.sync(), flushing every disk of the host).
             writer = FsspecWriter(path, sync_files=not fsio.is_remote(path), thread_count=1,
                                   per_thread_copy_ahead=0)
-            metadata = dcp.save(host_state_dict, storage_writer=writer, planner=runtime_checkpoint.spmd_save_planner(),
+            metadata = dcp.save(host_state_dict, storage_writer=writer, planner=runtime.spmd_save_planner(),
                                 process_group=self.group)
             timings["shards"] = time.perf_counter() - t0
             # The planner can leave a tensor out without an error (it did for tiles held by several devices,
-            # see runtime_checkpoint.host_copy_for_checkpoint): a checkpoint that lacks one must never get its marker.
+            # see runtime.host_copy_for_checkpoint): a checkpoint that lacks one must never get its marker.
             missing = sorted(set(layout["shardings"]) - set(metadata.state_dict_metadata))
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -312,13 +312,13 @@ class Checkpointer:
             for key, t in tensors.items():
                 current = runtime.sharding_spec_string(t)
                 specs[key] = spec = saved_specs.get(key, current)
-                if spec == current and runtime_buffers.is_tiled(spec):
+                if spec == current and runtime.is_tiled(spec):
                     targets[key] = t  # read in place, shard by shard
-                elif runtime_buffers.is_tiled(spec):
+                elif runtime.is_tiled(spec):
                     targets[key] = self._placed(torch.zeros(t.shape, dtype=t.dtype), t, spec, specs, key)
                 else:
                     targets[key] = torch.empty(t.shape, dtype=t.dtype)  # host; placed after the read
-            dcp.load(targets, storage_reader=FsspecReader(path), planner=runtime_checkpoint.spmd_load_planner(),
+            dcp.load(targets, storage_reader=FsspecReader(path), planner=runtime.spmd_load_planner(),
                      process_group=self.group)
             for key, t in tensors.items():
                 target = targets[key]
@@ -363,12 +363,12 @@ class Checkpointer:
         """`host` on `like`'s device with sharding `spec`, or with `like`'s own sharding when `spec` cannot be
         reproduced (one warning: the resumed run then compiles one more step graph)."""
         try:
-            return runtime_buffers.place(host, like.device, spec)
+            return runtime.place(host, like.device, spec)
         except ValueError as e:
             own = runtime.sharding_spec_string(like)
             log.warning("restoring %s with sharding %s instead of the saved one: %s", key, own or "none", e)
             specs[key] = own
-            return runtime_buffers.place(host, like.device, own)
+            return runtime.place(host, like.device, own)
 
     @staticmethod
     def _check_tensors(path: str, metadata: Any, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from . import runtime_buffers
+from . import runtime
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def donation_order(state_results: list[torch.Tensor], outputs: list[torch.Tensor
     `state_results`; the identity when the graph does not read every state buffer or no order settles."""
     order = list(range(len(state_results)))
     for _attempt in range(attempts):
-        _, values = runtime_buffers.graph_inputs([state_results[k] for k in order] + outputs)
-        number = {h: n for n, h in enumerate(runtime_buffers.buffer_handles(values))}
+        _, values = runtime.graph_inputs([state_results[k] for k in order] + outputs)
+        number = {h: n for n, h in enumerate(runtime.buffer_handles(values))}
         numbers = [number.get(state_handles[k]) for k in order]
         if None in numbers:
             break

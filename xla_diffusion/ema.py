@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import runtime, runtime_buffers
+from . import runtime
 
 
 def ema_decay(update: int, max_decay: float) -> float:
@@ -45,7 +45,7 @@ class EmaWeights:
         # as the step leaves them.
         device = self.params[0].device
         with torch.no_grad():
-            self.shadow = [runtime_buffers.device_copy(p) for p in self.params]
+            self.shadow = [runtime.device_copy(p) for p in self.params]
         [self._decay] = runtime.to_device([torch.zeros((), dtype=torch.float32)], device)
         self.decay = self._device_decay = 0.0  # the decay of the next update, and the value `_decay` holds
         # While a replayed step is recorded with flat state (flat_state.StateLayout, bound by state.TrainState): per
@@ -89,7 +89,7 @@ class EmaWeights:
         flat: set[int] = set()
         for params, weights, shadow in self.flat_chunks:
             # only when the optimizer updated the chunk through its buffer (else its tensors hold the weights)
-            if runtime_buffers.pending_count([weights]) == 1:
+            if runtime.pending_count([weights]) == 1:
                 shadow.lerp_(weights, weight)  # elementwise: the per-tensor update, on the flat buffers
                 flat.update(id(p) for p in params)
         for s, p in zip(self.shadow, self.params):

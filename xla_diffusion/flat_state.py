@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from . import runtime, runtime_buffers
+from . import runtime
 
 # the largest flat state buffer, in elements (1 GiB of fp32): packing and unpacking hold one buffer and its
 # tensors at once, and it keeps every index far from int32's limit
@@ -84,10 +84,10 @@ class StateLayout:
         buffers = []
         for members in self.members:
             buffer = torch.cat([state[i].detach().reshape(-1) for i in members])
-            runtime_buffers.mark_replicated(buffer)
-            runtime_buffers.materialise([buffer])
+            runtime.mark_replicated(buffer)
+            runtime.materialise([buffer])
             for i in members:
-                runtime_buffers.release_buffer(state[i])
+                runtime.release_buffer(state[i])
             buffers.append(buffer)
         self.compilations += runtime.compile_count() - c0
         self.buffers = buffers
@@ -109,16 +109,16 @@ class StateLayout:
                 ) -> tuple[list[torch.Tensor], bool]:
         """After tracing the step: the new value of each buffer (the buffer itself when the step updated it in
         place, else the concatenation of its members), and whether a member so gathered was left as it was
-        (`before`: the members' `runtime_buffers.value_ids` after `open`, in order)."""
+        (`before`: the members' `runtime.value_ids` after `open`, in order)."""
         new: list[torch.Tensor] = []
         unchanged = False
         offset = 0
         for members, buffer in zip(self.members, buffers):
             tensors = [state[i] for i in members]
-            if runtime_buffers.pending_count([buffer]) == 1:
+            if runtime.pending_count([buffer]) == 1:
                 new.append(buffer)
             else:
-                after = runtime_buffers.value_ids(tensors)
+                after = runtime.value_ids(tensors)
                 unchanged |= any(a == b for a, b in zip(before[offset:offset + len(members)], after))
                 with torch.no_grad():
                     new.append(torch.cat([t.reshape(-1) for t in tensors]))
@@ -126,7 +126,7 @@ class StateLayout:
         for b in new:
             # as the packed buffers are: GSPMD would otherwise pick the output's sharding, from the members'
             # gradients say, and the next recording would read a differently sharded buffer
-            runtime_buffers.mark_replicated(b)
+            runtime.mark_replicated(b)
         return new, unchanged
 
     def unpack(self, state: list[torch.Tensor]) -> None:
@@ -139,7 +139,7 @@ class StateLayout:
             buffer = buffers.pop(0)  # unreferenced here once its slices are taken (as `pack` frees the tensors)
             tensors = [state[i] for i in members]
             _assign(tensors, buffer)
-            runtime_buffers.materialise(tensors)
+            runtime.materialise(tensors)
         self.compilations += runtime.compile_count() - c0
 
 
@@ -154,5 +154,5 @@ def _assign(tensors: list[torch.Tensor], buffer: torch.Tensor) -> None:
             if isinstance(t, torch.nn.Parameter):
                 t.data = value
             else:
-                runtime_buffers.repoint_all([t], [value])
+                runtime.repoint_all([t], [value])
             offset += n

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import runtime, runtime_buffers
+from . import runtime
 
 # The names diffusers' train_text_to_image.py accepts for --lr_scheduler.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -169,10 +169,9 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
                     [step] = runtime.to_device([step], p.device)
                 if shared:
                     group_step = step
-            zeros = runtime_buffers.device_zeros_like
-            state = {"step": step, "exp_avg": zeros(p), "exp_avg_sq": zeros(p)}
+            state = {"step": step, "exp_avg": runtime.device_zeros_like(p), "exp_avg_sq": runtime.device_zeros_like(p)}
             if group["amsgrad"]:
-                state["max_exp_avg_sq"] = zeros(p)
+                state["max_exp_avg_sq"] = runtime.device_zeros_like(p)
             optimizer.state[p] = state
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import runtime, runtime_buffers
+from . import runtime
 from .donation import donation_order
 from .flat_state import StateLayout
 
@@ -46,10 +46,10 @@ class NotReplayable(Exception):
 def _buffer_handle(t: torch.Tensor) -> int:
     """Handle of the device buffer a graph reading `t` takes as its input (for a tensor whose value is a
     pending reference to another buffer, that buffer)."""
-    _, values = runtime_buffers.graph_inputs([t])
+    _, values = runtime.graph_inputs([t])
     if len(values) != 1:
         raise NotReplayable("an input of the step holds a pending computation")
-    return runtime_buffers.buffer_handles(values)[0]
+    return runtime.buffer_handles(values)[0]
 
 
 @dataclass
@@ -186,7 +186,7 @@ class StepReplay:
                 members = [state[i] for m in layout.members for i in m]
             # the graph's state: the flat buffers and the loose tensors, or every state tensor
             graph_state = layout.graph_state(state) if layout is not None else state
-            runtime_buffers.materialise(graph_state + inputs)
+            runtime.materialise(graph_state + inputs)
             runtime.wait_device_ops()  # no buffer is in flight: their handles are read below
             keys: dict[int, tuple[str, int]] = {}
             state_handles: list[int] = []
@@ -201,7 +201,7 @@ class StepReplay:
             unchanged = False
             if layout is not None:
                 buffers = layout.open(state)  # the members read their slices of the buffers from here on
-                before = runtime_buffers.value_ids(members)
+                before = runtime.value_ids(members)
                 with layout.bound(buffers):
                     outputs = list(fn())
                 new, unchanged = layout.results(state, buffers, before)
@@ -211,7 +211,7 @@ class StepReplay:
             # parameter without a gradient, say) has no output to be pointed at, and the results would pair up
             # with the wrong tensors (a member left as it was would be written back as a stale slice)
             loose = [state[i] for i in layout.loose] if layout is not None else state
-            if runtime_buffers.pending_count(loose) < len(loose) or unchanged:
+            if runtime.pending_count(loose) < len(loose) or unchanged:
                 raise NotReplayable("the step leaves some of the tensors it was given as its state unchanged")
             state_results = new + loose  # the new values of graph_state, in its order
             order = (donation_order(state_results, outputs, state_handles) if ORDER_FOR_DONATION
@@ -220,13 +220,12 @@ class StepReplay:
             # a result the step leaves outside `state` + outputs (AdamW creating its state inside an unprimed
             # first step, say) would never be updated by a replay (and `_clear_pending_irs` below would drop it);
             # the members are pending too, their new values gathered into the roots
-            pending = runtime_buffers.pending_count
-            if pending(device=state[0].device) > pending(roots) + len(members):
+            if runtime.pending_count(device=state[0].device) > runtime.pending_count(roots) + len(members):
                 raise NotReplayable("the step leaves results outside the tensors it was given as its state")
-            ids, values = runtime_buffers.graph_inputs(roots)
-            if runtime_buffers.device_seed_id() in ids:
+            ids, values = runtime.graph_inputs(roots)
+            if runtime.device_seed_id() in ids:
                 raise NotReplayable("the step draws random numbers on the device")
-            handles = runtime_buffers.buffer_handles(values)
+            handles = runtime.buffer_handles(values)
             sources = [keys.get(h, ("const", v)) for h, v in zip(handles, values)]
             const_handles = [h for h, (kind, _) in zip(handles, sources) if kind == "const"]
             rec = _Recording(b"", sources, const_handles, self._signature(inputs), len(graph_state), len(inputs),
@@ -243,8 +242,8 @@ class StepReplay:
             return outputs if outputs is not None else list(fn())
         for (kind, _), value in zip(sources, values):
             if kind == "state":
-                runtime_buffers.donate(value)
-        rec.graph_hash = runtime_buffers.compile_graph(roots)
+                runtime.donate(value)
+        rec.graph_hash = runtime.compile_graph(roots)
         if first is not None and rec.graph_hash != first.graph_hash:
             self._refuse("two recordings of the step gave different graphs")
         targets = (buffers if layout is not None else []) + loose  # what the graph's state outputs update
@@ -254,13 +253,13 @@ class StepReplay:
             self.recording = rec
             self._n_state = len(state)
         self.recordings += 1
-        results = runtime_buffers.run_compiled(rec.graph_hash, values)
+        results = runtime.run_compiled(rec.graph_hash, values)
         self._adopt(targets + outputs, results)
         if layout is not None:
             layout.buffers = buffers  # packed again: the buffers hold the step's results
         # Turn tensors that reference a buffer through a pending device-data node into plain buffer handles, and
         # the members' pending values into placeholders without memory (nothing else is pending: checked above).
-        runtime_buffers.drop_pending(state[0].device)
+        runtime.drop_pending(state[0].device)
         if self.refused is not None:
             self.unpack()  # the two recordings differed: the traced steps from here on read the tensors
         return outputs
@@ -277,7 +276,7 @@ class StepReplay:
             else:
                 others.append(t)
                 values.append(r)
-        runtime_buffers.repoint_all(others, values)
+        runtime.repoint_all(others, values)
 
     def _replay(self, state: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         rec = self.recording
@@ -286,10 +285,10 @@ class StepReplay:
             layout.pack(state)  # after `unpack` (a checkpoint, an evaluation); nothing to do otherwise
             state = layout.graph_state(state)
         # a tensor changed outside the step (a checkpoint restored in place, say) holds pending work
-        runtime_buffers.materialise(state + inputs)
+        runtime.materialise(state + inputs)
         # No donation flags here: they only shape the compiled graph (its input/output aliasing, set when it was
         # recorded); PJRT donates the aliased state buffers on every run of that executable, flagged or not.
-        results = runtime_buffers.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
+        results = runtime.run_compiled(rec.graph_hash, rec.arguments(state, inputs))
         n = len(state)
         self._adopt([state[k] for k in rec.order], results[:n])
         # Hold the outputs of the last steps: releasing the last reference to a buffer that was donated to a

@@ -12,7 +12,7 @@ in, saves a checkpoint of it (unless that step was just saved), waits until it i
 and how to resume, and the run exits 0. The handler restores the default action, so a second SIGTERM ends
 the process at once; the checkpoint being written then lacks its COMPLETE marker and is skipped, and every
 earlier one is untouched. On several hosts XLA's preemption sync manager takes SIGTERM instead
-(`runtime_checkpoint.activate_preemption_sync`): the hosts agree through the XLA coordination service on the step to
+(`runtime.activate_preemption_sync`): the hosts agree through the XLA coordination service on the step to
 stop at, and all of them checkpoint that step.
 """
 
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import fsio, runtime, runtime_checkpoint
+from . import fsio, runtime
 from .checkpoint import CheckpointError, CheckpointInfo, config_fingerprint, training_state
 from .checkpoint import step_dir as checkpoint_dir
 from .checkpointer import Checkpointer
@@ -91,7 +91,7 @@ class Preemption:
         self.notified = False
         self._previous: Any = None
         if self.shared:
-            runtime_checkpoint.activate_preemption_sync()
+            runtime.activate_preemption_sync()
 
     def install(self) -> None:
         if not self.shared and threading.current_thread() is threading.main_thread():
@@ -108,7 +108,7 @@ class Preemption:
         log.info("SIGTERM: the run stops after this step with a checkpoint (a second SIGTERM exits at once)")
 
     def due(self, step: int) -> bool:
-        return runtime_checkpoint.preemption_sync_point(step) if self.shared else self.notified
+        return runtime.preemption_sync_point(step) if self.shared else self.notified
 
 
 class RunCheckpoints:

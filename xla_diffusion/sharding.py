@@ -10,8 +10,8 @@ divisible by the `fsdp` axis size is split over `fsdp`, and tensors under `min_s
 (biases, norms) or with no divisible dimension are replicated. Parameters are replicated over the `data`
 axis, so a `(data, fsdp)` mesh is data parallel across `data` and fully sharded within `fsdp`.
 
-This module and the runtime modules (`runtime.py`, `runtime_buffers.py`, `runtime_checkpoint.py`) are the only
-ones that import torch_xla (inside functions, so the pure parts, rule resolution, work without a device).
+With torch_xla this module and `runtime.py` are the only ones that import it (inside functions, so the
+pure parts, rule resolution, work without a device).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def fsdp_shard(module: torch.nn.Module, mesh: Any, rules: Sequence[Rule] = (),
 
     With an fsdp axis of size 1 every spec is replicated. Gradients follow the parameters through GSPMD's
     propagation; state made afterwards from the parameters inherits their sharding (AdamW's moments from
-    `optim.prime_optimizer`, EMA shadows from `runtime_buffers.device_copy`).
+    `optim.prime_optimizer`, EMA shadows from `runtime.device_copy`).
     """
     import torch_xla
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import objective, runtime, runtime_buffers
+from . import objective, runtime
 from .ema import EmaWeights
 from .errors import ConfigError
 from .xla_ops import xla_friendly_ops
@@ -203,7 +203,7 @@ def train_step(
         # of the graph, which the update does not depend on) may read a bias straight from that buffer. XLA then
         # copies the whole buffer so that read sees the old values. Passing the loss and the gradients through one
         # barrier puts the loss before the update (bench/donation.py).
-        runtime_buffers.optimization_barrier_([loss] + [p.grad for p in params])
+        runtime.optimization_barrier_([loss] + [p.grad for p in params])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
